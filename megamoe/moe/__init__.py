@@ -1,0 +1,5 @@
+"""Mixture-of-Experts block: router -> dispatcher -> grouped experts (+ shared experts)."""
+
+from megamoe.moe.layer import MoELayer
+
+__all__ = ["MoELayer"]

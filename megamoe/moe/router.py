@@ -1,0 +1,101 @@
+"""Top-k token-choice router with load-balancing and z-losses.
+
+Legend: T tokens, H hidden, E experts, K experts per token.
+
+Modes (see ../shared/DESIGN.md, "Routing semantics"):
+  softmax_topk  softmax over all E logits (fp32), then top-k; no renormalisation (OLMoE).
+  topk_softmax  top-k of the logits, softmax over those k (Mixtral, Qwen).
+  sigmoid_bias  sigmoid scores; a per-expert bias (a buffer, not trained by the optimizer) is
+                added for *selection only*; weights are the unbiased scores, optionally
+                renormalised, times routed_scaling_factor (DeepSeek-V3, aux-loss-free balancing).
+
+Losses use the statistics of the tokens this router sees; a parallel wrapper may install
+`stats_reduce` (sum over a process group) so they use the statistics of a larger token set.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megamoe.config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    topk_idx: torch.Tensor      # [T, K] int64 expert of each slot
+    topk_weight: torch.Tensor   # [T, K] fp32 routing weight of each slot
+    probs: torch.Tensor         # [T, E] fp32 per-expert probability used by the LB loss
+    logits: torch.Tensor        # [T, E] fp32 raw router logits
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))  # [E, H] like nn.Linear
+        # Selection bias of sigmoid_bias mode; a buffer so it is checkpointed but not optimised.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
+        # Optional: callable(tensor) -> tensor summed over the token-sharing group (set by parallel/).
+        self.stats_reduce = None
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        logits = F.linear(x.float(), self.weight.float())  # router math in fp32 for stability
+        mode, k = self.cfg.router_mode, self.top_k
+        if mode == "softmax_topk":
+            probs = logits.softmax(dim=-1)
+            topk_weight, topk_idx = probs.topk(k, dim=-1)
+            if self.cfg.norm_topk_prob:
+                topk_weight = topk_weight / topk_weight.sum(-1, keepdim=True)
+        elif mode == "topk_softmax":
+            probs = logits.softmax(dim=-1)
+            top_logits, topk_idx = logits.topk(k, dim=-1)
+            topk_weight = top_logits.softmax(dim=-1)
+        else:  # sigmoid_bias
+            scores = logits.sigmoid()
+            _, topk_idx = (scores + self.expert_bias.float()).topk(k, dim=-1)
+            topk_weight = scores.gather(-1, topk_idx)
+            if self.cfg.norm_topk_prob:
+                topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
+            probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        topk_weight = topk_weight * self.cfg.routed_scaling_factor
+        return RouterOutput(topk_idx, topk_weight, probs, logits)
+
+    # ------------------------------------------------------------------------------------ losses
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.stats_reduce(t) if self.stats_reduce is not None else t
+
+    def load_balancing_loss(self, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """E * sum_e f_e * P_e with f_e = share of token-slots routed to e, P_e = mean prob of e.
+
+        Equals 1 for a perfectly balanced router. (transformers' Mixtral/OLMoE function sums over
+        the k choices separately, which is K times this value.)
+        """
+        num_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+        prob_sum = probs.sum(0)                                   # [E]
+        stats = self._reduce(torch.cat([counts.float(), num_tokens[None]]).detach())
+        counts_g, tokens_g = stats[:-1], stats[-1]
+        # P_e is differentiable; only its local part carries a gradient (the rest is a constant).
+        prob_sum_g = prob_sum + (self._reduce(prob_sum.detach()) - prob_sum.detach())
+        f = counts_g / (tokens_g * self.top_k).clamp(min=1)
+        p = prob_sum_g / tokens_g.clamp(min=1)
+        return self.num_experts * (f * p).sum()
+
+    def z_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
+        z = torch.logsumexp(logits, dim=-1).square()
+        total = z.sum()
+        n = torch.tensor(float(logits.shape[0]), device=logits.device)
+        stats = self._reduce(torch.stack([total.detach(), n]))
+        total_g = total + (stats[0] - total.detach())
+        return total_g / stats[1].clamp(min=1)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Aux-loss-free balancing: push under-loaded experts up, over-loaded ones down."""
+        if self.cfg.router_mode != "sigmoid_bias" or self.cfg.bias_update_rate == 0:
+            return
+        load = tokens_per_expert.float()
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)

@@ -1,0 +1,67 @@
+"""Metrics: jsonl log file, console lines, throughput / MFU arithmetic."""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s used for MFU (vendor numbers, no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def host_rss_gib() -> float:
+    """Resident memory of this process now (GiB); the CPU counterpart of max_mem_gib."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):  # not Linux: peak RSS instead (KiB on Linux/BSD)
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; only rank 0 writes."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def format_console(rec: dict) -> str:
+    parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", f"ce {rec['ce']:.4f}",
+             f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:.0f} tok/s"]
+    if rec.get("tflops_per_gpu") is not None:
+        parts.append(f"{rec['tflops_per_gpu']:.2f} TFLOP/s/gpu")
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    if rec.get("lb_loss") is not None:
+        parts.append(f"lb {rec['lb_loss']:.3f} z {rec['z_loss']:.3f}")
+    if rec.get("expert_load_cv") is not None:
+        parts.append(f"load-cv {rec['expert_load_cv']:.2f}")
+    if rec.get("max_mem_gib") is not None:
+        parts.append(f"mem {rec['max_mem_gib']:.1f} GiB")
+    if rec.get("val_loss") is not None:
+        parts.append(f"val loss {rec['val_loss']:.4f}")
+    return " | ".join(parts)

@@ -1,0 +1,304 @@
+"""The training loop: micro-batches -> loss -> gradients -> (reduce) -> clip -> AdamW step.
+
+One optimizer step consumes `global_batch_size` sequences: each data-parallel rank runs
+`global_batch_size / (micro_batch_size * dp)` micro-batches and accumulates gradients.
+The step's loss is the mean over micro-batches of cross-entropy + MoE auxiliary losses; the
+aux losses reach the gradients through `MoELayer`'s AuxLossGrad hook, scaled like the CE.
+
+Parallelism enters through `ctx` (a `megamoe.parallel.ParallelContext`, or None for one
+process): it reduces gradients, computes the global gradient norm, and averages logged values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megamoe.config import TrainConfig, to_dict
+from megamoe.data.sampler import rank_micro_batches
+from megamoe.model.transformer import flops_per_token
+from megamoe.ops import optional
+from megamoe.training import checkpoint as ckpt
+from megamoe.training.logging_backends import build_sinks
+from megamoe.training.metrics import JsonlLogger, device_peak_flops, format_console, host_rss_gib
+from megamoe.training.optim import build_optimizer
+from megamoe.training.schedule import lr_at
+from megamoe.training.watchdog import StepWatchdog
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32; logits [B, S, V], labels [B, S]."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_ds, valid_ds=None,
+                 device: torch.device | None = None, ctx=None, optimizer=None):
+        self.cfg, self.model, self.train_ds, self.valid_ds, self.ctx = cfg, model, train_ds, valid_ds, ctx
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        if cfg.fp8:
+            optional.swap_linears_for_te(model)
+        if cfg.activation_checkpointing and hasattr(model, "set_activation_checkpointing"):
+            model.set_activation_checkpointing(True)
+        self.optimizer = optimizer or build_optimizer(model, cfg.optim)
+        self.dp_rank = ctx.dp_rank if ctx else 0
+        self.dp_size = ctx.dp_size if ctx else 1
+        self.is_main = ctx.is_main if ctx else True
+        self.num_micro = cfg.global_batch_size // (cfg.micro_batch_size * self.dp_size)
+        self.step = 0
+        self.bad_steps = 0
+        self.history: list[dict] = []
+        self.logger = JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=self.is_main)
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.peak_flops = device_peak_flops(self.device)
+
+    # ---------------------------------------------------------------------------------- pieces
+    def autocast(self):
+        """bf16 autocast (fp32 master weights stay in the params) and, with cfg.fp8, TE's FP8."""
+        stack = contextlib.ExitStack()
+        use_bf16 = self.cfg.dtype == "bf16" or (self.cfg.dtype == "auto" and self.device.type == "cuda")
+        if use_bf16:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.cfg.fp8:
+            stack.enter_context(optional.fp8_autocast())
+        return stack
+
+    def get_batch(self, dataset, sample_ids: list[int]):
+        rows = [np.asarray(dataset[i % len(dataset)], dtype=np.int64) for i in sample_ids]
+        data = torch.from_numpy(np.stack(rows)).to(self.device, non_blocking=True)
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+    def forward_loss(self, inputs, labels) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(inputs)
+        if self.ctx is not None and self.ctx.loss_fn is not None:
+            return self.ctx.loss_fn(logits, labels)
+        return cross_entropy(logits, labels)
+
+    def moe_stats(self) -> dict:
+        """Aux-loss values and expert load of the last forward pass, summed over MoE layers."""
+        layers = self.model.moe_layers() if hasattr(self.model, "moe_layers") else []
+        if not layers:
+            return {}
+        stats = [m.last_stats for m in layers if m.last_stats]
+        if not stats:
+            return {}
+        return {
+            "aux": torch.stack([s["aux_loss"] for s in stats]).sum(),
+            "lb": torch.stack([s["lb_loss"] for s in stats]).mean(),
+            "z": torch.stack([s["z_loss"] for s in stats]).mean(),
+            "load": torch.stack([s["tokens_per_expert"].float() for s in stats]),  # [L, E]
+            "dropped": float(torch.stack([torch.as_tensor(s["dropped_frac"]) for s in stats]).mean()),
+        }
+
+    def grad_norm_and_clip(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.ctx is not None:
+            norm = self.ctx.grad_norm(self.model)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        if self.cfg.optim.clip_grad > 0 and torch.isfinite(norm):
+            coef = (self.cfg.optim.clip_grad / (norm + 1e-6)).clamp(max=1.0)
+            for p in params:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return norm
+
+    # ------------------------------------------------------------------------------ train step
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.model, "set_aux_loss_scale"):
+            self.model.set_aux_loss_scale(1.0 / self.num_micro)
+        ce_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        lb_sum = z_sum = 0.0
+        load = None
+        dropped = 0.0
+        ids = rank_micro_batches(self.step, cfg.global_batch_size, cfg.micro_batch_size,
+                                 self.dp_rank, self.dp_size)
+        for mb, sample_ids in enumerate(ids):
+            inputs, labels = self.get_batch(self.train_ds, sample_ids)
+            sync = self.ctx.no_sync(self.model, last=mb == len(ids) - 1) if self.ctx else contextlib.nullcontext()
+            with sync:
+                ce = self.forward_loss(inputs, labels)
+                (ce / self.num_micro).backward()
+            ce_sum += ce.detach()
+            st = self.moe_stats()
+            if st:
+                aux_sum += st["aux"]
+                lb_sum += float(st["lb"])
+                z_sum += float(st["z"])
+                load = st["load"] if load is None else load + st["load"]
+                dropped += st["dropped"]
+        if self.ctx is not None:
+            self.ctx.reduce_grads(self.model)
+        grad_norm = self.grad_norm_and_clip()
+        ce_mean = ce_sum / self.num_micro
+        aux_mean = aux_sum / self.num_micro
+        if self.ctx is not None:
+            ce_mean, aux_mean = self.ctx.average_over_dp(torch.stack([ce_mean, aux_mean])).unbind()
+        loss = ce_mean + aux_mean
+
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        lr = lr_at(self.step, cfg.optim, cfg.steps)
+        if finite:
+            self.bad_steps = 0
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            if load is not None:
+                self._update_router_bias(load)
+        else:
+            self.bad_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise TrainingError(f"{self.bad_steps} non-finite steps in a row (last at step "
+                                    f"{self.step}); lower optim.lr or check the data")
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = cfg.global_batch_size * cfg.model.seq_length
+        world = self.ctx.world_size if self.ctx else 1
+        rec = {"step": self.step, "loss": float(loss), "ce": float(ce_mean), "lr": lr,
+               "grad_norm": float(grad_norm), "skipped": not finite, "step_time_s": dt,
+               "tokens_per_s": tokens / dt,
+               "tflops_per_gpu": tokens * self.flops_per_token / dt / world / 1e12}
+        rec["mfu"] = (rec["tflops_per_gpu"] * 1e12 / self.peak_flops) if self.peak_flops else None
+        if load is not None:
+            rec["lb_loss"] = lb_sum / self.num_micro
+            rec["z_loss"] = z_sum / self.num_micro
+            rec["dropped_frac"] = dropped / self.num_micro
+            per_layer = load / load.sum(-1, keepdim=True).clamp(min=1)       # [L, E] shares
+            rec["expert_load"] = [[round(x, 4) for x in row] for row in per_layer.tolist()]
+            rec["expert_load_cv"] = float((per_layer.std(-1) / per_layer.mean(-1)).mean())
+        if self.device.type == "cuda":
+            rec["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        rec["host_rss_gib"] = host_rss_gib()
+        return rec
+
+    def _update_router_bias(self, load: torch.Tensor) -> None:
+        layers = self.model.moe_layers()
+        if self.ctx is not None:
+            load = self.ctx.sum_over_dp(load)
+        for m, layer_load in zip(layers, load):
+            m.router.update_bias(layer_load)
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.valid_ds is None or len(self.valid_ds) == 0 or self.cfg.eval_iters <= 0:
+            return None
+        self.model.eval()
+        losses = []
+        for i in range(self.cfg.eval_iters):
+            ids = rank_micro_batches(i, self.cfg.micro_batch_size * self.dp_size,
+                                     self.cfg.micro_batch_size, self.dp_rank, self.dp_size)[0]
+            inputs, labels = self.get_batch(self.valid_ds, ids)
+            losses.append(self.forward_loss(inputs, labels).detach())
+        loss = torch.stack(losses).mean()
+        if self.ctx is not None:
+            loss = self.ctx.average_over_dp(loss[None])[0]
+        self.model.train()
+        return float(loss)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_files(self) -> dict:
+        return {
+            "model.pt": self.model.state_dict(),
+            "optimizer.pt": self.optimizer.state_dict(),
+            "trainer.pt": {"step": self.step, "consumed_samples": self.step * self.cfg.global_batch_size,
+                           "bad_steps": self.bad_steps, "rng": ckpt.rng_state()},
+        }
+
+    def save(self) -> str | None:
+        if self.ctx is not None:
+            return self.ctx.save_checkpoint(self)
+        return ckpt.save_checkpoint(self.cfg.out_dir, self.step, self.state_files(), to_dict(self.cfg))
+
+    def load(self, ckpt_dir: str) -> None:
+        if self.ctx is not None:
+            self.ctx.load_checkpoint(self, ckpt_dir)
+            return
+        self.model.load_state_dict(ckpt.load_file(ckpt_dir, "model.pt"))
+        self.optimizer.load_state_dict(ckpt.load_file(ckpt_dir, "optimizer.pt"))
+        self.load_trainer_state(ckpt.load_file(ckpt_dir, "trainer.pt"))
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
+        ckpt.set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------------------------ loop
+    def train(self, stop_requested=lambda: False) -> list[dict]:
+        """Run until cfg.steps; returns the per-step records. `stop_requested()` is polled after
+        each step (signal handling): when it turns true, save and return early."""
+        cfg = self.cfg
+        if cfg.resume:
+            latest = ckpt.latest_checkpoint(cfg.out_dir)
+            if latest is not None:
+                self.load(latest)
+                if self.is_main:
+                    print(f"resumed from {latest} at step {self.step}", flush=True)
+        bar = None
+        if cfg.progress and self.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        # Without a progress bar (e.g. Slurm log files) the console lines are plain prints.
+        write = bar.write if bar is not None else (lambda line: print(line, flush=True))
+        sinks = build_sinks(cfg, enabled=self.is_main)  # TensorBoard / W&B when available
+        watchdog = None
+        if cfg.watchdog_s > 0:
+            watchdog = StepWatchdog(cfg.watchdog_s, abort=cfg.watchdog_abort,
+                                    rank=getattr(self.ctx, "rank", 0)).start()
+        try:
+            while self.step < cfg.steps:
+                # The watched "step" includes its eval and checkpoint: any of them can hang.
+                with watchdog.step(self.step + 1) if watchdog else contextlib.nullcontext():
+                    if self._train_iteration(bar, write, sinks, stop_requested):
+                        break
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+            sinks.close()
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def _train_iteration(self, bar, write, sinks, stop_requested) -> bool:
+        """One step + its eval / logging / checkpoint; True when a stop was requested."""
+        cfg = self.cfg
+        rec = self.train_step()
+        if cfg.eval_interval > 0 and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
+            rec["val_loss"] = self.evaluate()
+        self.history.append(rec)
+        self.logger.log(rec)
+        sinks.log(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if self.is_main and cfg.log_interval > 0 and (
+                self.step % cfg.log_interval == 0 or self.step == 1 or rec.get("val_loss") is not None):
+            write(format_console(rec))
+        saving = cfg.save_interval > 0 and self.step % cfg.save_interval == 0
+        if saving or self.step == cfg.steps:
+            self.save()
+        # Asked once per step, after the scheduled checkpoint: under distributed training the
+        # answer comes from a collective that every rank must call equally often.
+        stop = bool(stop_requested())
+        if stop and not (saving or self.step == cfg.steps):
+            self.save()
+        return stop
+
+
+__all__ = ["Trainer", "TrainingError", "cross_entropy"]
