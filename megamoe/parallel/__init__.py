@@ -1,0 +1,13 @@
+"""Parallelism applied from outside the plain model (see ../../shared/DESIGN.md, "Parallel layout").
+
+mesh.py         rank grid -> named process groups (tp, dp, pp, dp_tp, ep, etp, edp)
+collectives.py  differentiable collectives with an explicit group
+tensor.py       column / row parallel linears, vocab-parallel embedding and cross-entropy
+expert.py       all-to-all MoE dispatcher, expert-weight sharding
+params.py       per-parameter spec: gradient reduction group, global shape + slice
+parallelize.py  apply_tp, apply_ep (fixed order), parallelize_model
+data.py         gradient reduction, global grad norm, ZeRO-1 optimizer
+launch.py       torchrun / Slurm environment, init_process_group
+context.py      ParallelContext (the trainer's `ctx`), sharded checkpoints
+setup.py        setup_parallel_training(cfg) -> (ctx, model, optimizer, device)
+"""

@@ -1,0 +1,227 @@
+"""Differentiable collectives, each a tiny autograd.Function with an explicit process group.
+
+Gradient convention (Megatron): a tensor that is replicated on every rank of a group carries
+the *full* gradient on every rank; a tensor split across the group carries the gradient of
+its own piece. The pairs below are each other's transposes:
+
+    copy_to(x)            fwd identity            bwd all-reduce     (enter a TP region)
+    reduce_from(x)        fwd all-reduce          bwd identity       (leave a TP region)
+    sum_across(x)         fwd all-reduce          bwd all-reduce     (a sum each rank uses differently)
+    scatter_to(x, dim)    fwd keep own chunk      bwd all-gather
+    gather_from(x, dim)   fwd all-gather          bwd keep own chunk
+    reduce_scatter(x,dim) fwd reduce-scatter      bwd all-gather     (sequence parallel: leave)
+    all_gather(x, dim)    fwd all-gather          bwd reduce-scatter (sequence parallel: enter)
+    all_to_all(x, in_splits, out_splits)  rows exchanged by split sizes; bwd the reverse exchange
+
+All return x unchanged (no communication) when the group has one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group)
+
+
+# ----------------------------------------------------------------- plain (non-autograd) helpers
+
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); use whichever exists.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """out = cat over ranks of inp, along dim 0 (out has n * inp.shape[0] rows)."""
+    _all_gather_flat(out, inp, group=group)
+
+
+def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """out = this rank's 1/n of the sum over ranks of inp, along dim 0."""
+    _reduce_scatter_flat(out, inp, group=group)
+
+
+def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce; returns t."""
+    if group_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _all_gather_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    x0 = x.movedim(dim, 0).contiguous()
+    out = x0.new_empty((n * x0.shape[0],) + tuple(x0.shape[1:]))
+    all_gather_flat(out, x0, group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split into {n} equal parts")
+    x0 = x.movedim(dim, 0).contiguous()
+    out = x0.new_empty((x0.shape[0] // n,) + tuple(x0.shape[1:]))
+    reduce_scatter_flat(out, x0, group)
+    return out.movedim(0, dim)
+
+
+def _own_chunk(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split into {n} equal parts")
+    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+
+
+def _all_to_all_rows(x: torch.Tensor, group, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+# ----------------------------------------------------------------------- autograd functions
+
+class _CopyTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumAcross(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+class _ScatterTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _own_chunk(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_chunk(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim(grad, ctx.group, ctx.dim), None, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_dim(grad, ctx.group, ctx.dim), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, in_splits, out_splits, on_send):
+        ctx.group, ctx.in_splits, ctx.out_splits, ctx.on_send = group, in_splits, out_splits, on_send
+        if on_send is not None:
+            on_send(x, in_splits, False)
+        return _all_to_all_rows(x, group, in_splits, out_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.on_send is not None:
+            ctx.on_send(grad, ctx.out_splits, True)
+        return _all_to_all_rows(grad, ctx.group, ctx.out_splits, ctx.in_splits), None, None, None, None
+
+
+# --------------------------------------------------------------------------- public functions
+
+def copy_to(x, group):
+    return x if group_size(group) == 1 else _CopyTo.apply(x, group)
+
+
+def reduce_from(x, group):
+    return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
+
+
+def sum_across(x, group):
+    return x if group_size(group) == 1 else _SumAcross.apply(x, group)
+
+
+def scatter_to(x, group, dim: int = -1):
+    return x if group_size(group) == 1 else _ScatterTo.apply(x, group, dim)
+
+
+def gather_from(x, group, dim: int = -1):
+    return x if group_size(group) == 1 else _GatherFrom.apply(x, group, dim)
+
+
+def reduce_scatter(x, group, dim: int = 1):
+    return x if group_size(group) == 1 else _ReduceScatter.apply(x, group, dim)
+
+
+def all_gather(x, group, dim: int = 1):
+    return x if group_size(group) == 1 else _AllGather.apply(x, group, dim)
+
+
+def all_to_all(x, group, in_splits: list[int], out_splits: list[int], on_send=None):
+    """x[sum(in_splits), ...] -> [sum(out_splits), ...]: rows in_splits[j] go to rank j, and
+    out_splits[j] rows arrive from rank j, in rank order. `on_send(tensor, splits, backward)` is
+    called before each exchange (forward and backward), e.g. to count bytes."""
+    if group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, group, list(in_splits), list(out_splits), on_send)
+
+
+__all__ = ["copy_to", "reduce_from", "sum_across", "scatter_to", "gather_from", "reduce_scatter",
+           "all_gather", "all_to_all", "all_reduce_", "all_gather_flat", "reduce_scatter_flat", "group_size", "group_rank"]

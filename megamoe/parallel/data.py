@@ -1,0 +1,256 @@
+"""Data parallelism: gradient reduction, global gradient norm, ZeRO-1 distributed optimizer.
+
+Rule (from each parameter's ParamSpec, see params.py): sum the gradient over its reduce group
+("dp", "dp_tp" or "edp") and divide by dp. Each DP rank's loss is the mean over its own
+micro-batches, so the average over DP ranks is the single-process gradient; TP-partial and
+expert gradients are sums of per-rank token shares, hence a sum over the larger group but
+still a division by dp only.
+
+GradReducer     plain DP: flattens gradients into buckets (one reduce group per bucket) and
+                all-reduces them; the optimizer is an ordinary torch AdamW on the local shards.
+ZeroOptimizer   ZeRO-1: parameters and gradients live in flat buffers (p.data / p.grad are
+                views); each rank owns a contiguous 1/n slice of every buffer and keeps the fp32
+                master copy and AdamW moments of that slice only. Gradients are reduce-scattered,
+                the slice is stepped with torch AdamW (same per-element math as the single-
+                process optimizer), and the parameters are all-gathered back.
+Both expose reduce_grads() and grad_norm() for ParallelContext. The norm counts every global
+element once: TP shards each once, TP copies on TP rank 0 only, DP / expert-DP replicas once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megamoe.parallel import collectives as C
+from megamoe.parallel.mesh import ParallelMesh
+from megamoe.parallel.params import get_spec
+from megamoe.training.optim import param_groups
+
+DEFAULT_BUCKET_NUMEL = 2 ** 24   # 64 MiB of fp32 per all-reduce
+
+
+def counts_in_norm(p: torch.Tensor, mesh: ParallelMesh) -> bool:
+    """Whether this rank's copy of p is the one that counts in the global gradient norm."""
+    spec, c = get_spec(p), mesh.coords
+    if spec.replica_group == "edp":
+        return c.edp == 0
+    if spec.replica_group == "dp":
+        return c.dp == 0
+    return c.dp == 0 and c.tp == 0
+
+
+def _global_norm(local_sq: torch.Tensor) -> torch.Tensor:
+    """sqrt of the sum over all ranks (all pipeline stages included) of local squared norms."""
+    if dist.get_world_size() > 1:
+        dist.all_reduce(local_sq)
+    return local_sq.sqrt()
+
+
+class GradReducer:
+    def __init__(self, model: torch.nn.Module, mesh: ParallelMesh, bucket_numel: int = DEFAULT_BUCKET_NUMEL):
+        self.model, self.mesh = model, mesh
+        by_group: dict[str, list[torch.nn.Parameter]] = {}
+        # Reverse order: backward finishes the last layers first (ready for overlapping later).
+        for p in reversed([p for p in model.parameters() if p.requires_grad]):
+            by_group.setdefault(get_spec(p).reduce_group, []).append(p)
+        self.buckets: list[tuple[str, list[torch.nn.Parameter]]] = []
+        for name in sorted(by_group):             # same order on every rank
+            current, numel = [], 0
+            for p in by_group[name]:
+                if current and numel + p.numel() > bucket_numel:
+                    self.buckets.append((name, current))
+                    current, numel = [], 0
+                current.append(p)
+                numel += p.numel()
+            if current:
+                self.buckets.append((name, current))
+
+    def reduce_grads(self) -> None:
+        pending = []
+        for name, params in self.buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = _flatten_dense_tensors(grads)
+            work = None
+            if self.mesh.size(name) > 1:
+                work = dist.all_reduce(flat, group=self.mesh.group(name), async_op=True)
+            pending.append((work, flat, params, grads))
+        for work, flat, params, grads in pending:
+            if work is not None:
+                work.wait()
+            flat.div_(self.mesh.dp)
+            for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+
+    def grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        device = params[0].device if params else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for p in params:
+            if counts_in_norm(p, self.mesh):
+                sq += p.grad.float().pow(2).sum()
+        return _global_norm(sq)
+
+
+# ----------------------------------------------------------------------------------- ZeRO-1
+
+class _Bucket:
+    """Flat param / grad buffers of params sharing a shard group and a weight-decay setting."""
+
+    def __init__(self, named_params, group_name: str, decay: bool, mesh: ParallelMesh):
+        self.group_name, self.decay = group_name, decay
+        self.group, self.size, self.rank = mesh.group(group_name), mesh.size(group_name), mesh.rank_in(group_name)
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        dtype, device = self.params[0].dtype, self.params[0].device
+        assert all(p.dtype == dtype and p.device == device for p in self.params), "mixed dtypes in a bucket"
+        total = sum(p.numel() for p in self.params)
+        padded = math.ceil(total / self.size) * self.size
+        self.shard_numel = padded // self.size
+        self.lo, self.hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
+        self.param_buf = torch.zeros(padded, dtype=dtype, device=device)
+        self.grad_buf = torch.zeros(padded, dtype=dtype, device=device)
+        self.offsets, offset = [], 0
+        with torch.no_grad():
+            for p in self.params:
+                self.param_buf[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = self.param_buf[offset:offset + p.numel()].view_as(p)
+                self.offsets.append(offset)
+                offset += p.numel()
+        # fp32 master copy of this rank's slice (the optimizer steps this, not the model params)
+        self.master = torch.nn.Parameter(self.param_buf[self.lo:self.hi].detach().clone().float())
+        # Params whose gradient is a per-TP-rank partial sum: summed over TP before the reduce-scatter.
+        self.tp_partial = [i for i, p in enumerate(self.params)
+                           if get_spec(p).reduce_group == "dp_tp" and mesh.tp > 1]
+        # Elements of full TP copies count in the norm on TP rank 0 only.
+        self.norm_mask = None
+        if mesh.tp > 1 and mesh.coords.tp != 0 and group_name == "dp":
+            mask = torch.ones(padded, dtype=torch.float32, device=device)
+            for p, o in zip(self.params, self.offsets):
+                if get_spec(p).replica_group == "dp_tp":
+                    mask[o:o + p.numel()] = 0.0
+            self.norm_mask = mask[self.lo:self.hi].clone()
+
+    def grad_view(self, i: int) -> torch.Tensor:
+        p, o = self.params[i], self.offsets[i]
+        return self.grad_buf[o:o + p.numel()].view_as(p)
+
+    def attach_grads(self) -> None:
+        self.grad_buf.zero_()
+        for i, p in enumerate(self.params):
+            p.grad = self.grad_view(i)
+
+    def collect_grads(self) -> None:
+        """Make sure the buffer holds every gradient (autograd accumulates into the views in
+        place; a gradient replaced by someone else is copied back in)."""
+        for i, p in enumerate(self.params):
+            view = self.grad_view(i)
+            if p.grad is None:
+                view.zero_()
+                p.grad = view
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+                p.grad = view
+
+    def layout(self) -> dict:
+        return {"group": self.group_name, "decay": self.decay, "shard": [self.lo, self.hi],
+                "numel": self.param_buf.numel(),
+                "params": [{"name": n, "offset": o, "shape": list(p.shape), "spec": get_spec(p).to_dict()}
+                           for n, p, o in zip(self.names, self.params, self.offsets)]}
+
+
+class ZeroOptimizer:
+    """ZeRO-1 AdamW. Same interface as the torch optimizer the trainer uses (param_groups,
+    zero_grad, step, state_dict, load_state_dict) plus reduce_grads() / grad_norm().
+    zero_grad always zeroes the flat gradient buffer (set_to_none is ignored: the views must stay)."""
+
+    def __init__(self, model: torch.nn.Module, optim_cfg, mesh: ParallelMesh):
+        self.mesh = mesh
+        decay_ids = {id(p) for p in param_groups(model, optim_cfg.weight_decay)[0]["params"]}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.buckets: list[_Bucket] = []
+        for group_name in ("dp", "edp"):
+            for decay in (True, False):
+                chosen = [(n, p) for n, p in named
+                          if ("edp" if get_spec(p).replica_group == "edp" else "dp") == group_name
+                          and (id(p) in decay_ids) == decay]
+                if chosen:
+                    self.buckets.append(_Bucket(chosen, group_name, decay, mesh))
+        groups = [{"params": [b.master for b in self.buckets if b.decay], "weight_decay": optim_cfg.weight_decay},
+                  {"params": [b.master for b in self.buckets if not b.decay], "weight_decay": 0.0}]
+        self.inner = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim_cfg.lr,
+                                       betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
+        for b in self.buckets:
+            b.attach_grads()
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for b in self.buckets:
+            b.attach_grads()
+
+    def reduce_grads(self) -> None:
+        tp_group = self.mesh.group("tp")
+        for b in self.buckets:
+            b.collect_grads()
+            if b.tp_partial:
+                views = [b.grad_view(i) for i in b.tp_partial]
+                flat = C.all_reduce_(_flatten_dense_tensors(views), tp_group)
+                for v, g in zip(views, _unflatten_dense_tensors(flat, views)):
+                    v.copy_(g)
+            shard = b.grad_buf[b.lo:b.hi]
+            if b.size > 1:
+                out = torch.empty_like(shard)
+                C.reduce_scatter_flat(out, b.grad_buf, b.group)
+                shard.copy_(out)
+            shard.div_(self.mesh.dp)
+
+    def grad_norm(self) -> torch.Tensor:
+        device = self.buckets[0].grad_buf.device if self.buckets else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for b in self.buckets:
+            g = b.grad_buf[b.lo:b.hi].float()
+            sq += (g * g).sum() if b.norm_mask is None else (g * g * b.norm_mask).sum()
+        return _global_norm(sq)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for b in self.buckets:
+            b.master.grad = b.grad_buf[b.lo:b.hi].float()
+        self.inner.step()
+        for b in self.buckets:
+            self._publish(b)
+
+    def _publish(self, b: _Bucket) -> None:
+        """Copy the stepped master slice into the params and all-gather every rank's slice."""
+        b.param_buf[b.lo:b.hi].copy_(b.master.detach())
+        if b.size > 1:
+            C.all_gather_flat(b.param_buf, b.param_buf[b.lo:b.hi].clone(), b.group)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(),
+                "masters": [b.master.detach().clone() for b in self.buckets],
+                "layout": [b.layout() for b in self.buckets]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if [(l["group"], l["decay"], l["shard"], l["numel"]) for l in state["layout"]] != \
+                [(l["group"], l["decay"], l["shard"], l["numel"]) for l in (b.layout() for b in self.buckets)]:
+            raise ValueError("the checkpoint's ZeRO-1 shards do not match this run's layout; "
+                             "resume with the same parallel settings (resharding is not supported yet)")
+        self.inner.load_state_dict(state["inner"])
+        for b, master in zip(self.buckets, state["masters"]):
+            b.master.copy_(master)
+            self._publish(b)
+
+
+__all__ = ["GradReducer", "ZeroOptimizer", "counts_in_norm", "DEFAULT_BUCKET_NUMEL"]

@@ -1,0 +1,56 @@
+"""setup_parallel_training(cfg) -> (ctx, model, optimizer, device): what `megamoe train` calls
+when WORLD_SIZE > 1 (megamoe/training/run.py).
+
+Order: start torch.distributed (launch.py) -> rank grid and groups (mesh.py) -> build the plain
+model identically on every rank -> apply_tp, apply_ep (parallelize.py) -> move to the device
+-> data parallel: GradReducer + torch AdamW, or ZeroOptimizer (data.py) -> ParallelContext.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from megamoe.config import validate
+from megamoe.model.transformer import build_model
+from megamoe.parallel.context import ParallelContext
+from megamoe.parallel.data import GradReducer, ZeroOptimizer
+from megamoe.parallel.launch import device_for, init_distributed, resolve_backend
+from megamoe.parallel.mesh import ParallelMesh, make_layout
+from megamoe.parallel.parallelize import check_model_config, parallelize_model
+from megamoe.training.optim import build_optimizer
+
+
+def build_data_parallel(model, mesh: ParallelMesh, optim_cfg, zero1: bool, bucket_numel: int | None = None):
+    """(optimizer, grads): grads has reduce_grads() and grad_norm(). Call after the model is on
+    its device (ZeRO-1 turns the parameters into views of flat buffers)."""
+    if zero1:
+        opt = ZeroOptimizer(model, optim_cfg, mesh)
+        return opt, opt
+    reducer = GradReducer(model, mesh) if bucket_numel is None else GradReducer(model, mesh, bucket_numel)
+    return build_optimizer(model, optim_cfg), reducer
+
+
+def setup_parallel_training(cfg, verbose: bool = True):
+    pcfg = cfg.parallel
+    env = init_distributed(pcfg)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    validate(cfg, world_size=world)
+    if pcfg.pp > 1 or pcfg.virtual_pp > 1:
+        raise ValueError("pipeline parallelism (parallel.pp > 1) is not available yet")
+    layout = make_layout(world, pcfg.tp, pcfg.pp, pcfg.dp, pcfg.ep, pcfg.etp)
+    mesh = ParallelMesh(layout, rank)
+    sp = pcfg.sequence_parallel and mesh.tp > 1
+    check_model_config(cfg, mesh, sp)
+    if verbose and rank == 0:
+        print(f"megamoe: parallel layout (sequence_parallel={sp}, zero1={pcfg.zero1})\n"
+              + mesh.describe(), flush=True)
+    device = device_for(env, resolve_backend(pcfg.backend))
+    model = build_model(cfg.model, seed=cfg.seed)   # identical on every rank, then sharded
+    model, loss_fn = parallelize_model(model, mesh, sp)
+    model.to(device)
+    optimizer, grads = build_data_parallel(model, mesh, cfg.optim, pcfg.zero1)
+    ctx = ParallelContext(mesh, grads, loss_fn, zero1=pcfg.zero1, sequence_parallel=sp)
+    return ctx, model, optimizer, device
+
+
+__all__ = ["setup_parallel_training", "build_data_parallel"]

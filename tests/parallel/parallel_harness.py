@@ -1,0 +1,163 @@
+"""Helpers for the distributed CPU tests: spawn gloo process groups, a tiny MoE config,
+synthetic data, and a worker that trains several parallel configurations in one spawn.
+
+Each spawned process runs `fn(rank, world_size, *args)` with the default gloo group already
+initialised; whatever rank 0 returns is handed back to the test (through a file).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import traceback
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megamoe.config import preset
+
+STEPS = 20
+VOCAB, SEQ = 256, 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, out_path, fn, args):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            torch.save(result, out_path)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _prewarm() -> None:
+    """Import what every worker needs once in the parent, so forked workers start in ~0.1 s
+    instead of each re-importing torch (seconds per process on a 2-core CI machine)."""
+    import megamoe.parallel.setup  # noqa: F401
+    import megamoe.training.trainer  # noqa: F401
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # first use imports torch._dynamo
+
+
+def spawn(world_size: int, fn, *args):
+    """Run fn in `world_size` processes on one gloo group; return rank 0's result.
+
+    Workers are forked (the parent has no process group and workers use one intra-op thread,
+    so the inherited state is safe to use)."""
+    _prewarm()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        mp.start_processes(_entry, args=(world_size, free_port(), out, fn, args), nprocs=world_size,
+                           join=True, start_method="fork")
+        return torch.load(out, weights_only=False)
+
+
+# ------------------------------------------------------------------------------ model + data
+
+def tiny_cfg(out_dir: str = "/tmp/megamoe-test", **parallel):
+    """A small MoE (2 layers, d 64, 8 experts top-2, QK-norm) trained for STEPS steps."""
+    cfg = preset("tiny")
+    m = cfg.model
+    m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = VOCAB, 64, 2, 4, 2
+    m.ffn_hidden, m.seq_length, m.qk_norm = 128, SEQ, True
+    m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden = 8, 2, 32
+    m.moe.first_k_dense = 0
+    cfg.steps, cfg.micro_batch_size, cfg.global_batch_size = STEPS, 2, 8
+    cfg.optim.warmup_steps, cfg.optim.lr = 5, 3e-3
+    cfg.eval_interval, cfg.save_interval, cfg.log_interval = 0, 0, 0
+    cfg.out_dir, cfg.resume, cfg.progress = out_dir, False, False
+    cfg.tensorboard, cfg.watchdog_s = False, 0
+    for k, v in parallel.items():
+        setattr(cfg.parallel, k, v)
+    return cfg
+
+
+def synthetic_ds(n: int = 256):
+    """Learnable sequences: arithmetic progressions mod VOCAB with a random start and stride."""
+    rng = np.random.default_rng(0)
+    t = np.arange(SEQ + 1)
+    return [(rng.integers(0, VOCAB) + rng.integers(1, 4) * t) % VOCAB for _ in range(n)]
+
+
+def train_reference(cfg):
+    """Single-process run: (per-step losses, {name: final param})."""
+    from megamoe.model.transformer import build_model
+    from megamoe.training.trainer import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    model = build_model(cfg.model, seed=cfg.seed)
+    trainer = Trainer(cfg, model, synthetic_ds(), device=torch.device("cpu"))
+    trainer.save = lambda: None
+    hist = trainer.train()
+    return [h["loss"] for h in hist], {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def gather_full_params(model) -> dict[str, torch.Tensor] | None:
+    """Reassemble every parameter from all ranks' shards (on rank 0; None elsewhere)."""
+    from megamoe.parallel.params import get_spec, place_shard
+
+    local = {n: (p.detach().clone(), get_spec(p)) for n, p in model.named_parameters()}
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, local)
+    if dist.get_rank() != 0:
+        return None
+    full = {}
+    for shards in everything:
+        for name, (t, spec) in shards.items():
+            if name not in full:
+                full[name] = torch.zeros(spec.global_shape, dtype=t.dtype)
+            place_shard(full[name], t, spec.index)
+    return full
+
+
+# ----------------------------------------------------------------------------- the workers
+
+def train_configs(rank, world_size, runs: list[tuple[str, dict]], out_root: str):
+    """For each (label, parallel settings): train STEPS steps, gather the params.
+    Returns {label: (losses, full params, extra)} on rank 0. Labels listed in RESUME_CHECK also
+    save at step STEPS//2 and are then resumed from that checkpoint in fresh objects; extra
+    holds the resumed run's losses and the checkpoint's file names."""
+    from megamoe.parallel.setup import setup_parallel_training
+    from megamoe.training import checkpoint as ckpt
+    from megamoe.training.trainer import Trainer
+
+    def build(cfg):
+        ctx, model, optimizer, device = setup_parallel_training(cfg, verbose=False)
+        return Trainer(cfg, model, synthetic_ds(), device=device, ctx=ctx, optimizer=optimizer)
+
+    results = {}
+    for label, par in runs:
+        cfg = tiny_cfg(os.path.join(out_root, label), **par)
+        resume_check = label in RESUME_CHECK
+        if resume_check:
+            cfg.save_interval = STEPS // 2
+        trainer = build(cfg)
+        hist = trainer.train()
+        full = gather_full_params(trainer.model)
+        extra = {"grad_norm": [h["grad_norm"] for h in hist]}
+        if resume_check:
+            half = os.path.join(cfg.out_dir, ckpt.CKPT_DIR, f"step_{STEPS // 2:08d}")
+            extra["ckpt_files"] = os.listdir(half)
+            again = build(cfg)
+            again.load(half)
+            extra["resumed_losses"] = [h["loss"] for h in again.train()]
+        if rank == 0:
+            results[label] = ([h["loss"] for h in hist], full, extra)
+    return results
+
+
+RESUME_CHECK = {"tp2xdp2xep2_sp_zero1"}
