@@ -1,0 +1,391 @@
+"""Reading and writing the files on either side of a conversion.
+
+  megamoe  a checkpoint directory (model.pt + config.yaml), or an out_dir whose latest
+           checkpoint is taken; `load_megamoe_state` is the one entry point. Formats other
+           than a single model.pt plug in through `register_state_reader`; the per-rank shards
+           of parallel runs (model_rank{r}.pt) are consolidated by `read_rank_shards`.
+  HF       config.json + model.safetensors (or sharded with model.safetensors.index.json, or
+           pytorch_model*.bin); tensors are read lazily, one at a time.
+Every writer fills a temporary sibling directory and renames it into place at the end, so a
+failed conversion never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Callable, Iterator
+
+import torch
+import yaml
+
+from megamoe.config import ModelConfig, TrainConfig, from_dict, to_dict, validate
+from megamoe.training import checkpoint as ckpt
+
+# ------------------------------------------------------------------------------ output dirs
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory that becomes `dst` when the block finishes without error."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise ValueError(f"output {dst!r} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):
+        old = f"{dst}.old-{os.getpid()}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
+# ------------------------------------------------------------------------- megamoe checkpoints
+
+# Readers of checkpoint formats other than one model.pt (e.g. per-rank shards of a TP x EP run
+# with global metadata). Each is fn(ckpt_dir) -> the full, consolidated state dict, or None when
+# ckpt_dir is not in its format; the first that answers wins.
+STATE_READERS: list[Callable[[str], dict | None]] = []
+
+
+def register_state_reader(reader: Callable[[str], dict | None]) -> None:
+    if reader not in STATE_READERS:
+        STATE_READERS.append(reader)
+
+
+def read_rank_shards(ckpt_dir: str) -> dict | None:
+    """Consolidate a parallel run's checkpoint (megamoe/parallel/context.py):
+    model_rank{r}.pt = {"model": this rank's state dict, "specs": {param: {"global_shape",
+    "index"}}}, where index lists per dim the (start, stop) ranges of the global tensor that,
+    concatenated, make up the local one. Replicated copies land on the same elements; every
+    element must be covered by some rank. Buffers (no spec) are full copies on every rank."""
+    files = sorted((f for f in os.listdir(ckpt_dir) if re.fullmatch(r"model_rank\d+\.pt", f)),
+                   key=lambda f: int(f[len("model_rank"):-3]))
+    if not files:
+        return None
+    layout_path = os.path.join(ckpt_dir, "layout.yaml")
+    if os.path.isfile(layout_path):
+        with open(layout_path) as f:
+            world = (yaml.safe_load(f) or {}).get("world_size")
+        if world is not None and len(files) != world:
+            raise ValueError(f"{ckpt_dir!r} has {len(files)} model_rank files but layout.yaml says "
+                             f"world_size {world}")
+    full: dict[str, torch.Tensor] = {}
+    covered: dict[str, torch.Tensor] = {}
+    for fname in files:
+        data = ckpt.load_file(ckpt_dir, fname)
+        specs = data.get("specs", {})
+        for name, local in data["model"].items():
+            spec = specs.get(name)
+            if spec is None or list(spec["global_shape"]) == list(local.shape):
+                full.setdefault(name, local)
+                continue
+            if name not in full:
+                full[name] = torch.empty(spec["global_shape"], dtype=local.dtype)
+                covered[name] = torch.zeros(spec["global_shape"], dtype=torch.bool)
+            # Global positions of the local entries, per dim; then one advanced-index assignment.
+            pos = [torch.cat([torch.arange(a, b) for a, b in ranges]) for ranges in spec["index"]]
+            grid = torch.meshgrid(*pos, indexing="ij")
+            full[name][grid] = local
+            covered[name][grid] = True
+    for name, mask in covered.items():
+        if not bool(mask.all()):
+            raise ValueError(f"{ckpt_dir!r}: the rank files do not cover all of {name!r}; "
+                             "is a model_rank file missing?")
+    return full
+
+
+register_state_reader(read_rank_shards)
+
+
+def _strip_wrappers(state: dict) -> dict:
+    """Drop DDP ("module.") / torch.compile ("_orig_mod.") prefixes from parameter names."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def read_model_config(ckpt_dir: str) -> ModelConfig:
+    path = os.path.join(ckpt_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {ckpt_dir!r} has no config.yaml")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{path!r} has no 'model' section")
+    model = data["model"]
+    return from_dict(ModelConfig, model, where="model.") if model is not None else ModelConfig()
+
+
+def find_checkpoint_dir(path: str) -> str:
+    """`path` itself if it is a checkpoint directory, else the latest checkpoint of an out_dir."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path!r} does not exist")
+    if os.path.isfile(os.path.join(path, "model.pt")):
+        return path
+    latest = ckpt.latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if os.path.isfile(os.path.join(path, "config.yaml")):
+        return path  # maybe a format for one of the registered readers
+    raise ValueError(f"{path!r} is neither a megamoe checkpoint (model.pt + config.yaml) nor an "
+                     "out_dir with checkpoints/")
+
+
+def consolidate_state_dict(ckpt_dir: str) -> dict:
+    """The full state dict of a checkpoint, whatever its on-disk format."""
+    for reader in STATE_READERS:
+        state = reader(ckpt_dir)
+        if state is not None:
+            return state
+    return ckpt.load_file(ckpt_dir, "model.pt")
+
+
+def load_megamoe_state(path: str) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, full state dict) of a megamoe checkpoint directory or out_dir."""
+    ckpt_dir = find_checkpoint_dir(path)
+    cfg = read_model_config(ckpt_dir)
+    state = consolidate_state_dict(ckpt_dir)
+    if not isinstance(state, dict):
+        raise ValueError(f"{ckpt_dir!r}: model.pt does not hold a state dict")
+    return cfg, _strip_wrappers(state)
+
+
+def expected_state(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Names and shapes of a megamoe model's state dict, without allocating its weights."""
+    from megamoe.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def check_state(cfg: ModelConfig, state: dict, what: str) -> None:
+    """Raise if `state` does not have exactly the tensors (and shapes) the config builds."""
+    expected = expected_state(cfg)
+    for k, shape in expected.items():
+        if k not in state:
+            raise ValueError(f"{what} lacks the tensor {k!r} that the model config implies")
+        if tuple(state[k].shape) != tuple(shape):
+            raise ValueError(f"{what}: tensor {k!r} has shape {tuple(state[k].shape)}, the config "
+                             f"implies {tuple(shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"{what} has tensors the model config does not build, e.g. {extra[0]!r}")
+
+
+def train_config_for(cfg: ModelConfig, out_dir: str, base: TrainConfig | None = None) -> TrainConfig:
+    """A TrainConfig that continues training `cfg` from `out_dir` (training settings: `base` or
+    defaults; edit them in config.yaml)."""
+    train = base if base is not None else TrainConfig()
+    train.model = cfg
+    train.out_dir = out_dir
+    train.resume = True
+    # Keep the default parallel settings valid for any vocabulary / head count.
+    validate(train)
+    return train
+
+
+def write_megamoe(dst: str, cfg: ModelConfig, state: dict, overwrite: bool = False,
+                  extra_files: dict[str, str] | None = None, base: TrainConfig | None = None,
+                  extra_text: dict[str, str] | None = None) -> str:
+    """Write `state` as a megamoe out_dir that `megamoe train --config <dst>/config.yaml` resumes:
+
+      dst/config.yaml                               full training config, out_dir = dst
+      dst/checkpoints/step_00000000/model.pt        the weights (fp32)
+      dst/checkpoints/step_00000000/optimizer.pt    a fresh AdamW state (no moments yet)
+      dst/checkpoints/step_00000000/trainer.pt      step 0, seeded RNG
+      dst/checkpoints/step_00000000/config.yaml     (as every checkpoint has)
+    `extra_files` {name: source path} are copied into dst (e.g. a tokenizer.json), `extra_text`
+    {name: content} written there.
+    """
+    from megamoe.model.transformer import Transformer
+    from megamoe.training.optim import build_optimizer
+
+    check_state(cfg, state, "converted state")
+    final = os.path.abspath(dst)
+    # fp32 master weights, as training keeps them; bf16/fp16 sources convert losslessly.
+    state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    if cfg.tie_embeddings:  # one tensor, stored once
+        state["lm_head.weight"] = state["embed.weight"]
+    train = train_config_for(cfg, final, base)
+    with torch.device("meta"):
+        meta_model = Transformer(cfg)
+    optimizer = build_optimizer(meta_model, train.optim).state_dict()  # no tensors: no moments yet
+    with torch.random.fork_rng(devices=[]):
+        py_state = random.getstate()
+        torch.manual_seed(train.seed)
+        random.seed(train.seed)
+        rng = ckpt.rng_state()
+        random.setstate(py_state)
+    trainer_state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "rng": rng}
+    with atomic_output_dir(final, overwrite) as tmp:
+        ckpt.save_checkpoint(tmp, 0, {"model.pt": state, "optimizer.pt": optimizer,
+                                      "trainer.pt": trainer_state}, config=to_dict(train))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(train), f, sort_keys=False)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        for name, text in (extra_text or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+    return final
+
+
+# ----------------------------------------------------------------------------- HF directories
+
+class HFTensors:
+    """Lazy read access to the tensors of an HF model directory."""
+
+    def __init__(self, model_dir: str):
+        self.dir = model_dir
+        self._where: dict[str, tuple[str, str]] = {}   # name -> (file, name inside the file)
+        self._handles: dict[str, object] = {}
+        self._bin_cache: dict[str, dict] = {}
+        for fname in self._weight_files():
+            for key in self._file_keys(fname):
+                self._where[key] = (fname, key)
+
+    def _weight_files(self) -> list[str]:
+        d = self.dir
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            path = os.path.join(d, index)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    weight_map = json.load(f).get("weight_map", {})
+                files = sorted(set(weight_map.values()))
+                missing = [f for f in files if not os.path.isfile(os.path.join(d, f))]
+                if missing:
+                    raise ValueError(f"{index} in {d!r} names {missing[0]!r}, which is missing")
+                return files
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(d, single)):
+                return [single]
+        shards = sorted(f for f in os.listdir(d) if re.fullmatch(r"model-\d+-of-\d+\.safetensors", f))
+        if shards:
+            return shards
+        raise ValueError(f"{d!r} has no model.safetensors (or index / pytorch_model.bin)")
+
+    def _file_keys(self, fname: str) -> list[str]:
+        if fname.endswith(".safetensors"):
+            return list(self._handle(fname).keys())
+        return list(self._load_bin(fname).keys())
+
+    def _handle(self, fname: str):
+        from safetensors import safe_open
+
+        if fname not in self._handles:
+            try:
+                self._handles[fname] = safe_open(os.path.join(self.dir, fname), framework="pt")
+            except Exception as err:  # the Rust side raises plain Exceptions
+                raise ValueError(f"cannot read {fname!r} in {self.dir!r}: {err}") from None
+        return self._handles[fname]
+
+    def _load_bin(self, fname: str) -> dict:
+        if fname not in self._bin_cache:
+            self._bin_cache[fname] = torch.load(os.path.join(self.dir, fname), map_location="cpu",
+                                                weights_only=True)
+        return self._bin_cache[fname]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        fname, key = self._where[name]
+        if fname.endswith(".safetensors"):
+            return self._handle(fname).get_tensor(key)
+        return self._load_bin(fname)[key]
+
+    def rename(self, old: str, new: str) -> None:
+        """Make a tensor readable under another name (block aliases of a layout)."""
+        self._where[new] = self._where.pop(old)
+
+
+def read_hf_config(model_dir: str) -> dict:
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"{model_dir!r} is not a directory")
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_dir!r} has no config.json; is it a Hugging Face model directory?")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path!r} is not valid JSON: {err}") from None
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units like transformers; 'iB' binary)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
+    num, unit = float(m.group(1)), (m.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]
+    size = int(num * base ** power)
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when over the limit.
+
+    Tensors go to shards in order; a shard closes when the next tensor would overflow it (one
+    tensor larger than the limit gets a shard of its own)."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata=meta)
+        names.append(fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
