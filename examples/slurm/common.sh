@@ -1,0 +1,100 @@
+# Shared by the examples/slurm/*.sbatch scripts (sourced, not run).
+#
+# What it provides:
+#   megamoe_setup           defaults for the env-var parameters, MASTER_ADDR / MASTER_PORT, threads
+#   megamoe_train_args      the `python -m megamoe train` arguments (array TRAIN_ARGS)
+#   megamoe_run_requeueable run a launcher (srun ...) so that a stop signal ends in a checkpoint
+#                           and a requeue, and a finished or crashed run does not requeue
+#
+# The stop / requeue protocol:
+#   1. Slurm signals before the time limit (#SBATCH --signal=B:USR1@120 signals this batch shell;
+#      `scancel --signal=USR1 JOB` signals the job's steps, i.e. the training processes).
+#   2. The batch shell traps USR1 / TERM and forwards the signal to the launcher (srun forwards it
+#      to every task). megamoe finishes its current step, saves a checkpoint and writes
+#      $OUT_DIR/run_state.json = {"state": "stopped", ...} (or "finished" at the last step).
+#   3. When the launcher has exited: stopped by USR1 (run_state.json says so, or the batch shell
+#      itself got USR1 and the run did not finish) -> `scontrol requeue $SLURM_JOB_ID`. The
+#      requeued job runs this script again and megamoe resumes from the newest checkpoint in
+#      $OUT_DIR (resume is on by default).
+#   Only USR1 requeues. TERM (plain `scancel`, or the time limit without the early USR1) still
+#   saves a checkpoint but ends the job: a cancelled job must stay cancelled. A crash (no signal)
+#   is not requeued either, so a broken run cannot loop forever.
+
+megamoe_log() { echo "megamoe-slurm [$(date +%H:%M:%S)] $*"; }
+
+megamoe_setup() {
+    # Parameters (environment variables, all optional):
+    #   CONFIG        YAML config (default: the script's own default)
+    #   OUT_DIR       run directory: checkpoints, metrics.jsonl, run_state.json; a requeued or
+    #                 resubmitted job with the same OUT_DIR resumes there (default runs/$SLURM_JOB_NAME)
+    #   EXTRA_ARGS    more train arguments, e.g. "--steps 1000 --parallel.ep 8" (word-split)
+    #   PYTHON        interpreter (default python; e.g. a venv's bin/python)
+    #   MAX_REQUEUES  stop requeueing after this many restarts (default 20)
+    #   MASTER_PORT   rendezvous port (default derived from the job id)
+    : "${OUT_DIR:=runs/${SLURM_JOB_NAME:-megamoe}}"
+    : "${EXTRA_ARGS:=}"
+    : "${PYTHON:=python}"
+    : "${MAX_REQUEUES:=20}"
+    export OUT_DIR CONFIG EXTRA_ARGS PYTHON
+    # Rank 0 lives on the first node of the allocation; every node computes the same address.
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # One port per job, so jobs sharing a node do not collide; the same after a requeue.
+    MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}  # as megamoe.parallel.launch
+    export MASTER_ADDR MASTER_PORT
+    # Torch would otherwise start one thread per core in every rank of a node.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    mkdir -p "$OUT_DIR"
+    megamoe_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES:-1} node(s)" \
+        "[${SLURM_JOB_NODELIST}], ${SLURM_NTASKS:-?} task(s), master ${MASTER_ADDR}:${MASTER_PORT}," \
+        "config ${CONFIG:-<preset>}, out_dir ${OUT_DIR}"
+}
+
+megamoe_train_args() {
+    TRAIN_ARGS=()
+    [ -n "${CONFIG:-}" ] && TRAIN_ARGS+=(--config "$CONFIG")
+    # Progress bars do not belong in log files: plain lines every log_interval steps instead.
+    # shellcheck disable=SC2206  # EXTRA_ARGS is meant to be word-split
+    TRAIN_ARGS+=(--out_dir "$OUT_DIR" --progress false $EXTRA_ARGS)
+}
+
+_megamoe_forward() {  # signal pid: called from the trap
+    MEGAMOE_SIGNALLED=$1
+    megamoe_log "batch shell got SIG$1: forwarding it to the training (pid $2) to save and stop"
+    kill -s "$1" "$2" 2>/dev/null
+}
+
+megamoe_run_requeueable() {  # launcher command...
+    local state_file="$OUT_DIR/run_state.json" pid rc state step signum
+    rm -f "$state_file"  # a stale file from an earlier run must not trigger a requeue
+    MEGAMOE_SIGNALLED=""
+    "$@" &
+    pid=$!
+    trap '_megamoe_forward USR1 '"$pid" USR1
+    trap '_megamoe_forward TERM '"$pid" TERM
+    # `wait` returns early whenever a trapped signal arrives: wait until the launcher is gone,
+    # then once more for its exit status (bash keeps the status of a finished background job).
+    while true; do
+        wait "$pid"
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    wait "$pid"
+    rc=$?
+    trap - USR1 TERM
+    state=$(sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p' "$state_file" 2>/dev/null)
+    step=$(sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$state_file" 2>/dev/null)
+    signum=$(sed -n 's/.*"signal": *\([0-9]*\).*/\1/p' "$state_file" 2>/dev/null)
+    megamoe_log "training exited with code $rc, state '${state:-unknown}' at step ${step:-?}"
+    if { [ "$state" = stopped ] && [ "$signum" = "$(kill -l USR1)" ]; } \
+            || { [ "$MEGAMOE_SIGNALLED" = USR1 ] && [ "$state" != finished ]; }; then
+        if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+            megamoe_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES)"
+            return 1
+        fi
+        megamoe_log "requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint in $OUT_DIR"
+        # The job goes back to the queue (same id, SLURM_RESTART_COUNT + 1) once this allocation
+        # ends; Slurm holds it for a short while (AuthInfo cred_expire, default 120 s) first.
+        scontrol requeue "$SLURM_JOB_ID"
+        return 0
+    fi
+    return "$rc"
+}

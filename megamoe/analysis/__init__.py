@@ -1,0 +1,1 @@
+"""Analyses of trained models (routing statistics and plots); see routing.py."""
