@@ -1,4 +1,5 @@
-"""`python -m megamoe <command>`: train, preprocess, print-batch, convert, upcycle, analyze-routing.
+"""`python -m megamoe <command>`: train, preprocess, print-batch, convert, consolidate, upcycle,
+analyze-routing.
 
 Each command is a thin front over a library function; user mistakes (bad config, missing
 files) end with one line on stderr and exit code 2, not a traceback.
@@ -16,6 +17,8 @@ COMMANDS = {
     "preprocess": ("megamoe.data.preprocess", "main", "jsonl corpus -> Megatron .bin/.idx"),
     "print-batch": ("megamoe.data.print_batch", "main", "print the token ids of training batch N"),
     "convert": ("megamoe.hf.convert", "main", "convert checkpoints to / from Hugging Face format"),
+    "consolidate": ("megamoe.training.checkpoint", "main",
+                    "merge a (sharded) checkpoint of any parallel layout into a single-process one"),
     "upcycle": ("megamoe.hf.upcycle", "main", "dense checkpoint -> MoE (sparse upcycling / splitting)"),
     "analyze-routing": ("megamoe.analysis.routing", "main", "plots of expert load and co-activation"),
 }

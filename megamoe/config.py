@@ -118,7 +118,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fp8: bool = False                 # Transformer Engine FP8 linears (needs transformer_engine)
     eval_interval: int = 50
-    eval_iters: int = 4
+    eval_iters: int = 4               # validation batches of global_batch_size samples
     log_interval: int = 10
     save_interval: int = 100
     out_dir: str = "runs/default"

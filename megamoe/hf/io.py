@@ -70,45 +70,14 @@ def register_state_reader(reader: Callable[[str], dict | None]) -> None:
 
 
 def read_rank_shards(ckpt_dir: str) -> dict | None:
-    """Consolidate a parallel run's checkpoint (megamoe/parallel/context.py):
-    model_rank{r}.pt = {"model": this rank's state dict, "specs": {param: {"global_shape",
-    "index"}}}, where index lists per dim the (start, stop) ranges of the global tensor that,
-    concatenated, make up the local one. Replicated copies land on the same elements; every
-    element must be covered by some rank. Buffers (no spec) are full copies on every rank."""
-    files = sorted((f for f in os.listdir(ckpt_dir) if re.fullmatch(r"model_rank\d+\.pt", f)),
-                   key=lambda f: int(f[len("model_rank"):-3]))
-    if not files:
+    """The full state dict of a parallel run's sharded checkpoint (model_rank{r}.pt files, see
+    megamoe.parallel.dist_checkpoint), or None when ckpt_dir holds none. Every element of every
+    tensor must be covered by some rank file (ValueError otherwise)."""
+    if not os.path.isfile(os.path.join(ckpt_dir, "model_rank0.pt")):
         return None
-    layout_path = os.path.join(ckpt_dir, "layout.yaml")
-    if os.path.isfile(layout_path):
-        with open(layout_path) as f:
-            world = (yaml.safe_load(f) or {}).get("world_size")
-        if world is not None and len(files) != world:
-            raise ValueError(f"{ckpt_dir!r} has {len(files)} model_rank files but layout.yaml says "
-                             f"world_size {world}")
-    full: dict[str, torch.Tensor] = {}
-    covered: dict[str, torch.Tensor] = {}
-    for fname in files:
-        data = ckpt.load_file(ckpt_dir, fname)
-        specs = data.get("specs", {})
-        for name, local in data["model"].items():
-            spec = specs.get(name)
-            if spec is None or list(spec["global_shape"]) == list(local.shape):
-                full.setdefault(name, local)
-                continue
-            if name not in full:
-                full[name] = torch.empty(spec["global_shape"], dtype=local.dtype)
-                covered[name] = torch.zeros(spec["global_shape"], dtype=torch.bool)
-            # Global positions of the local entries, per dim; then one advanced-index assignment.
-            pos = [torch.cat([torch.arange(a, b) for a, b in ranges]) for ranges in spec["index"]]
-            grid = torch.meshgrid(*pos, indexing="ij")
-            full[name][grid] = local
-            covered[name][grid] = True
-    for name, mask in covered.items():
-        if not bool(mask.all()):
-            raise ValueError(f"{ckpt_dir!r}: the rank files do not cover all of {name!r}; "
-                             "is a model_rank file missing?")
-    return full
+    from megamoe.parallel.dist_checkpoint import consolidate
+
+    return consolidate(ckpt_dir)
 
 
 register_state_reader(read_rank_shards)

@@ -5,8 +5,6 @@ or sharding these modules; nothing here knows about process groups.
 Legend: B batch, S sequence, H d_model, V vocabulary.
 """
 
-
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -30,8 +28,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        # getattr: configs built before the field existed (e.g. unpickled) mean "pre".
-        self.post_norm = getattr(cfg, "norm_position", "pre") == "post"
+        self.post_norm = cfg.norm_position == "post"
         self.attn_norm = build_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg)
         self.ffn_norm = build_norm(cfg, cfg.d_model)

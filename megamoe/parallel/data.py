@@ -36,6 +36,8 @@ DEFAULT_BUCKET_NUMEL = 2 ** 24   # 64 MiB of fp32 per all-reduce
 def counts_in_norm(p: torch.Tensor, mesh: ParallelMesh) -> bool:
     """Whether this rank's copy of p is the one that counts in the global gradient norm."""
     spec, c = get_spec(p), mesh.coords
+    if not spec.norm_counted:
+        return False
     if spec.replica_group == "edp":
         return c.edp == 0
     if spec.replica_group == "dp":
@@ -128,13 +130,16 @@ class _Bucket:
         # Params whose gradient is a per-TP-rank partial sum: summed over TP before the reduce-scatter.
         self.tp_partial = [i for i, p in enumerate(self.params)
                            if get_spec(p).reduce_group == "dp_tp" and mesh.tp > 1]
-        # Elements of full TP copies count in the norm on TP rank 0 only.
+        # Elements of full TP copies count in the norm on TP rank 0 only; duplicates never.
+        tp_copies_masked = mesh.tp > 1 and mesh.coords.tp != 0 and group_name == "dp"
+        uncounted = [(p, o) for p, o in zip(self.params, self.offsets)
+                     if not get_spec(p).norm_counted
+                     or (tp_copies_masked and get_spec(p).replica_group == "dp_tp")]
         self.norm_mask = None
-        if mesh.tp > 1 and mesh.coords.tp != 0 and group_name == "dp":
+        if uncounted:
             mask = torch.ones(padded, dtype=torch.float32, device=device)
-            for p, o in zip(self.params, self.offsets):
-                if get_spec(p).replica_group == "dp_tp":
-                    mask[o:o + p.numel()] = 0.0
+            for p, o in uncounted:
+                mask[o:o + p.numel()] = 0.0
             self.norm_mask = mask[self.lo:self.hi].clone()
 
     def grad_view(self, i: int) -> torch.Tensor:
@@ -246,10 +251,65 @@ class ZeroOptimizer:
         if [(l["group"], l["decay"], l["shard"], l["numel"]) for l in state["layout"]] != \
                 [(l["group"], l["decay"], l["shard"], l["numel"]) for l in (b.layout() for b in self.buckets)]:
             raise ValueError("the checkpoint's ZeRO-1 shards do not match this run's layout; "
-                             "resume with the same parallel settings (resharding is not supported yet)")
+                             "use megamoe.parallel.dist_checkpoint to load it into another layout")
         self.inner.load_state_dict(state["inner"])
         for b, master in zip(self.buckets, state["masters"]):
             b.master.copy_(master)
+            self._publish(b)
+
+    def param_state_pieces(self) -> dict[str, dict]:
+        """This rank's share of the AdamW state, per parameter name (layout-independent form for
+        megamoe.parallel.dist_checkpoint): {name: {"flat": [a, b], "step", "exp_avg",
+        "exp_avg_sq"[, "master"]}}, [a, b) being the range of the flattened local parameter that
+        this rank's slice of the flat buffer covers. Masters only when the params are not fp32
+        (otherwise they equal the params). Empty before the first step."""
+        out = {}
+        for b in self.buckets:
+            st = self.inner.state.get(b.master, {})
+            if "exp_avg" not in st:
+                continue
+            with_master = b.param_buf.dtype != torch.float32
+            for name, p, o in zip(b.names, b.params, b.offsets):
+                lo, hi = max(b.lo, o), min(b.hi, o + p.numel())
+                if lo >= hi:
+                    continue
+                part = slice(lo - b.lo, hi - b.lo)
+                # clone: torch.save of a view would write the whole flat buffer
+                piece = {"flat": [lo - o, hi - o], "step": float(st["step"]),
+                         "exp_avg": st["exp_avg"][part].clone(), "exp_avg_sq": st["exp_avg_sq"][part].clone()}
+                if with_master:
+                    piece["master"] = b.master.detach()[part].clone()
+                out[name] = piece
+        return out
+
+    @torch.no_grad()
+    def load_param_state(self, fetch) -> None:
+        """Inverse of param_state_pieces, from any layout: fetch(name, param) returns that local
+        parameter's {"step", "exp_avg", "exp_avg_sq"[, "master"]} (tensors shaped like it) or
+        None (no state saved). Call after the weights are loaded: masters not given are taken
+        from the params. Collective over each bucket's group (the params are re-published)."""
+        for b in self.buckets:
+            master = b.param_buf[b.lo:b.hi].float()
+            moments = {k: torch.zeros_like(master) for k in ("exp_avg", "exp_avg_sq")}
+            steps = []
+            for name, p, o in zip(b.names, b.params, b.offsets):
+                lo, hi = max(b.lo, o), min(b.hi, o + p.numel())
+                if lo >= hi:
+                    continue
+                st = fetch(name, p)
+                if st is None:
+                    continue
+                steps.append(float(st["step"]))
+                dst, src = slice(lo - b.lo, hi - b.lo), slice(lo - o, hi - o)
+                for key, buf in moments.items():
+                    buf[dst] = st[key].reshape(-1)[src].to(buf.dtype)
+                if st.get("master") is not None:
+                    master[dst] = st["master"].reshape(-1)[src].float()
+            b.master.copy_(master)
+            if steps:
+                self.inner.state[b.master] = {"step": torch.tensor(max(steps)), **moments}
+            else:
+                self.inner.state.pop(b.master, None)
             self._publish(b)
 
 

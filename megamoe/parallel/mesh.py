@@ -13,6 +13,8 @@ Named groups (each a list of global ranks; every rank belongs to exactly one of 
     ep     expert parallel               (same pp, edp, etp)
     etp    expert tensor parallel        (same pp, edp, ep)
     edp    expert data parallel: replicas of one expert shard (same pp, ep, etp)
+    embed  first and last pipeline stage (same dp, tp): sums the gradients of tied embeddings
+           when the head lives on another stage than the embedding; other ranks: alone
 Gradients of dense params reduce over "dp" (or "dp_tp" when each TP rank saw different
 tokens, see megamoe.parallel.params); expert params over "edp".
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-GROUP_NAMES = ("tp", "dp", "pp", "dp_tp", "ep", "etp", "edp")
+GROUP_NAMES = ("tp", "dp", "pp", "dp_tp", "ep", "etp", "edp", "embed")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Layout:
         """All groups of kind `name`, each a sorted list of global ranks, in a fixed order."""
         if name not in GROUP_NAMES:
             raise ValueError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES)}")
+        if name == "embed":
+            return self._embed_groups()
         # Key = the coordinates that stay fixed inside one group of this kind.
         fixed = {"tp": ("pp", "dp"), "dp": ("pp", "tp"), "pp": ("dp", "tp"), "dp_tp": ("pp",),
                  "ep": ("pp", "edp", "etp"), "etp": ("pp", "edp", "ep"),
@@ -76,6 +80,17 @@ class Layout:
             c = self.coords(r)
             by_key.setdefault(tuple(getattr(c, f) for f in fixed), []).append(r)
         return [by_key[k] for k in sorted(by_key)]
+
+    def _embed_groups(self) -> list[list[int]]:
+        ends = {0, self.pp - 1}
+        groups = []
+        for r in range(self.world_size):
+            c = self.coords(r)
+            if c.pp not in ends:
+                groups.append([r])
+            elif c.pp == 0:
+                groups.append(sorted({r, r + (self.pp - 1) * self.tp * self.dp}))
+        return sorted(groups)
 
     def describe(self) -> str:
         """Readable table: rank -> coordinates in both views."""

@@ -153,7 +153,8 @@ def parallelize_model(model: nn.Module, mesh: ParallelMesh, sequence_parallel: b
     apply_ep(model, mesh)
     loss_fn = None
     if mesh.tp > 1:
-        loss_fn = VocabParallelLoss(mesh.group("tp"), model.lm_head.weight.shape[0] * mesh.rank_in("tp"))
+        # (only the last pipeline stage holds the head; the vocabulary split is the same everywhere)
+        loss_fn = VocabParallelLoss(mesh.group("tp"), model.cfg.vocab_size // mesh.tp * mesh.rank_in("tp"))
     return model, loss_fn
 
 

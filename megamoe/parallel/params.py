@@ -12,6 +12,8 @@ replica_group   the ranks holding identical copies after the gradient reduction:
 tp_partial      True when each TP rank's gradient covers only its own tokens (sequence-parallel
                 norms, router and shared experts, whose inputs are split across TP), so the
                 gradient must also be summed over TP.
+norm_counted    False for a parameter that duplicates another one this rank group already
+                counts (the head's copy of tied embeddings on the last pipeline stage).
 index           per dim, the (start, stop) ranges of the global tensor that, concatenated in
                 order, make up the local tensor. Usually one range per dim; the stacked
                 gate|up expert weight under expert-TP holds two ranges on its last dim.
@@ -32,6 +34,7 @@ class ParamSpec:
     tp_partial: bool = False
     global_shape: tuple[int, ...] = ()
     index: tuple[Ranges, ...] = ()
+    norm_counted: bool = True
 
     @property
     def reduce_group(self) -> str:
@@ -44,7 +47,8 @@ class ParamSpec:
     def to_dict(self) -> dict:
         return {"replica_group": self.replica_group, "tp_partial": self.tp_partial,
                 "global_shape": list(self.global_shape),
-                "index": [[list(r) for r in ranges] for ranges in self.index]}
+                "index": [[list(r) for r in ranges] for ranges in self.index],
+                "norm_counted": self.norm_counted}
 
 
 def full_index(shape) -> tuple[Ranges, ...]:

@@ -5,8 +5,9 @@ Legend: P pipeline ranks, V virtual stages (model chunks) per rank, M micro-batc
 
 How it fits together:
   partition_layers(...)        -> which global layer ids each stage holds (uneven splits allowed)
-  build_stage_chunk(model, ..) -> a trimmed copy of the full model holding one stage's layers
-                                  (embedding only on stage 0, final norm + head only on the last)
+  apply_pp(model, ...)         -> trims the model in place to this rank's layers (embedding only
+                                  on stage 0, final norm + head only on the last stage)
+  stage_chunks(model, ...)     -> one StageChunk view per virtual stage of this rank
   schedule(P, V, M, rank)      -> this rank's ordered list of ("F"|"B", micro_batch, chunk)
   PipelineExecutor.run(...)    -> executes it: receive input, compute, send output (async,
                                   tagged point-to-point), returns per-micro-batch losses.
@@ -16,7 +17,7 @@ the exact interleaving of sends and receives; the order only shapes activation m
 
 from __future__ import annotations
 
-import copy
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -53,21 +54,61 @@ def partition_layers(num_layers: int, pp: int, virtual_pp: int = 1, layout: str 
     return out
 
 
-def build_stage_chunk(model: torch.nn.Module, layer_ids: list[int], first: bool, last: bool):
-    """A copy of `model` keeping only `layer_ids` (global names preserved for checkpoints)."""
-    chunk = copy.deepcopy(model)
-    for name in list(chunk.layers.keys()):
-        if int(name) not in layer_ids:
-            del chunk.layers[name]
+def apply_pp(model: torch.nn.Module, pp_rank: int, pp: int, virtual_pp: int = 1,
+             layout: str = "") -> list[list[int]]:
+    """Trim the full model in place to what pipeline rank `pp_rank` holds; returns the global
+    layer ids of its chunks (chunk v = stage v * pp + pp_rank).
+
+    Parameter names stay the single-process names (layers are a ModuleDict keyed by global
+    index), so checkpoints and gradient specs need no translation. The embedding stays on the
+    rank of stage 0, the final norm and head on the rank of the last stage. With tied
+    embeddings and pp > 1 the head gets its own copy of the embedding (`tied_copy`): the two
+    gradients are summed across the embedding group, see `sync_tied_grads`.
+    """
+    stages = partition_layers(model.cfg.num_layers, pp, virtual_pp, layout)
+    mine = [stages[v * pp + pp_rank] for v in range(virtual_pp)]
+    keep = {i for ids in mine for i in ids}
+    for key in list(model.layers.keys()):
+        if int(key) not in keep:
+            del model.layers[key]
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    if last and not first and model.cfg.tie_embeddings:
+        model.lm_head.weight = torch.nn.Parameter(model.embed.weight.detach().clone())
     if not first:
-        chunk.embed = None
+        model.embed = None
     if not last:
-        chunk.norm = None
-        chunk.lm_head = None
-    elif chunk.cfg.tie_embeddings and not first:
-        # The head keeps its own copy of the tied weight; grads are summed with stage 0's embedding.
-        chunk.lm_head.weight = torch.nn.Parameter(model.embed.weight.detach().clone())
-    return chunk
+        model.norm = None
+        model.lm_head = None
+    return mine
+
+
+class StageChunk:
+    """One pipeline stage of a trimmed model: [embedding] -> its blocks -> [norm -> head].
+
+    A view: it holds no parameters of its own (the model it points into does), so the trainer,
+    the optimizer and the checkpoints only ever see the one rank model. Mirrors
+    Transformer.forward for a subset of the layers.
+    """
+
+    def __init__(self, model: torch.nn.Module, layer_ids: list[int], first: bool, last: bool):
+        self.model, self.layer_ids, self.first, self.last = model, list(layer_ids), first, last
+
+    def __call__(self, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+        m = self.model
+        x = m.embed(tokens) if self.first else hidden
+        for i in self.layer_ids:
+            x = m.layers[str(i)](x, m.rope_cos, m.rope_sin)
+        return m.lm_head(m.norm(x)) if self.last else x
+
+    def moe_layers(self) -> list:
+        return [m for i in self.layer_ids for m in self.model.layers[str(i)].modules()
+                if hasattr(m, "last_stats")]
+
+
+def stage_chunks(model: torch.nn.Module, chunk_layers: list[list[int]], pp_rank: int, pp: int) -> list[StageChunk]:
+    n_stages = pp * len(chunk_layers)
+    return [StageChunk(model, ids, first=v * pp + pp_rank == 0, last=v * pp + pp_rank == n_stages - 1)
+            for v, ids in enumerate(chunk_layers)]
 
 
 # ------------------------------------------------------------------------------------- schedule
@@ -112,12 +153,12 @@ def schedule(pp: int, virtual_pp: int, num_micro: int, rank: int) -> list[Op]:
 class PipelineExecutor:
     """Runs one optimizer step's micro-batches through this rank's chunks.
 
-    `chunks[v]` is stage v * pp + pp_rank. Activations have a fixed shape `act_shape`
-    ([micro_batch, seq, hidden], seq sharded under sequence parallelism).
+    `chunks[v]` is stage v * pp + pp_rank. Activations crossing stages have a fixed shape
+    `act_shape` ([micro_batch, seq, hidden], seq sharded under sequence parallelism) and dtype.
     """
 
-    def __init__(self, chunks: list[torch.nn.Module], pp_rank: int, pp_size: int, group,
-                 rank_of_pp: list[int], act_shape, dtype=torch.float32):
+    def __init__(self, chunks: list, pp_rank: int, pp_size: int, group, rank_of_pp: list[int],
+                 act_shape, dtype=torch.float32):
         self.chunks, self.pp_rank, self.pp, self.group = chunks, pp_rank, pp_size, group
         self.rank_of_pp = rank_of_pp  # global rank of each pipeline rank in this pipeline
         self.vpp = len(chunks)
@@ -126,59 +167,90 @@ class PipelineExecutor:
     def _stage(self, chunk: int) -> int:
         return chunk * self.pp + self.pp_rank
 
+    @property
+    def last_stage(self) -> int:
+        return self.pp * self.vpp - 1
+
     def _tag(self, kind: str, micro: int, stage: int) -> int:
         """Unique per message: receiver stage, micro-batch, direction."""
         return (micro * self.pp * self.vpp + stage) * 2 + (kind == "B")
 
-    def run(self, micro_inputs, micro_labels, loss_fn, num_micro: int, device, after_forward=None):
-        """Returns the list of per-micro-batch losses (on the last stage; [] elsewhere).
+    def _forward(self, chunk: int, micro: int, micro_inputs, device, forward_context):
+        """(stage input that needs a gradient or None, stage output) of one forward op."""
+        stage = self._stage(chunk)
+        if stage == 0:
+            x = None
+            with forward_context():
+                out = self.chunks[chunk](tokens=micro_inputs[micro])
+        else:
+            x = self._recv(stage - 1, self._tag("F", micro, stage), device)
+            x.requires_grad_(torch.is_grad_enabled())
+            with forward_context():
+                out = self.chunks[chunk](hidden=x)
+        return x, out
+
+    def run(self, micro_inputs, micro_labels, loss_fn, num_micro: int, device, after_forward=None,
+            forward_context=contextlib.nullcontext):
+        """Forward + backward of every micro-batch; returns the per-micro-batch losses (on the
+        last stage's rank; [] elsewhere).
 
         micro_inputs[m] / micro_labels[m]: token ids [mb, S] (needed on the first / last stage).
         loss_fn(logits, labels) -> scalar; its gradient is scaled by 1 / num_micro.
-        after_forward(chunk_module, micro) is called after each forward (statistics).
+        after_forward(chunk, micro) is called after each forward (statistics).
+        forward_context() wraps each forward (autocast); backward runs outside it.
         """
-        last_stage = self.pp * self.vpp - 1
         inputs, outputs, pending, losses = {}, {}, [], {}
         for op in schedule(self.pp, self.vpp, num_micro, self.pp_rank):
             stage = self._stage(op.chunk)
-            module = self.chunks[op.chunk]
+            key = (op.micro, op.chunk)
             if op.kind == "F":
-                if stage == 0:
-                    out = module(tokens=micro_inputs[op.micro])
-                    inputs[(op.micro, op.chunk)] = None
-                else:
-                    x = self._recv(stage - 1, self._tag("F", op.micro, stage), device)
-                    x.requires_grad_(True)
-                    inputs[(op.micro, op.chunk)] = x
-                    out = module(hidden=x)
+                inputs[key], out = self._forward(op.chunk, op.micro, micro_inputs, device, forward_context)
                 if after_forward is not None:
-                    after_forward(module, op.micro)
-                if stage == last_stage:
+                    after_forward(self.chunks[op.chunk], op.micro)
+                if stage == self.last_stage:
                     loss = loss_fn(out, micro_labels[op.micro])
                     losses[op.micro] = loss.detach()
-                    outputs[(op.micro, op.chunk)] = loss / num_micro
+                    outputs[key] = loss / num_micro
                 else:
                     pending.append(self._send(out.detach(), stage + 1, self._tag("F", op.micro, stage + 1)))
-                    outputs[(op.micro, op.chunk)] = out
+                    outputs[key] = out
             else:
-                out = outputs.pop((op.micro, op.chunk))
-                if stage == last_stage:
+                out = outputs.pop(key)
+                if stage == self.last_stage:
                     out.backward()
                 else:
                     grad = self._recv(stage + 1, self._tag("B", op.micro, stage), device)
-                    out.backward(grad)
-                x = inputs.pop((op.micro, op.chunk))
+                    out.backward(grad.to(out.dtype))
+                x = inputs.pop(key)
                 if stage > 0:
                     pending.append(self._send(x.grad, stage - 1, self._tag("B", op.micro, stage - 1)))
         for work in pending:
             work.wait()
         return [losses[m] for m in sorted(losses)]
 
+    @torch.no_grad()
+    def forward_only(self, micro_inputs, micro_labels, loss_fn, num_micro: int, device,
+                     forward_context=contextlib.nullcontext):
+        """Evaluation: forwards only, micro-batch by micro-batch (every rank walks (micro, chunk)
+        in the same lexicographic order, so each receive's sender is never waiting on us)."""
+        pending, losses = [], []
+        for m in range(num_micro):
+            for v in range(self.vpp):
+                stage = self._stage(v)
+                _, out = self._forward(v, m, micro_inputs, device, forward_context)
+                if stage == self.last_stage:
+                    losses.append(loss_fn(out, micro_labels[m]))
+                else:
+                    pending.append(self._send(out, stage + 1, self._tag("F", m, stage + 1)))
+        for work in pending:
+            work.wait()
+        return losses
+
     def _peer(self, stage: int) -> int:
         return self.rank_of_pp[stage % self.pp]
 
     def _send(self, tensor, stage: int, tag: int):
-        return dist.isend(tensor.contiguous(), self._peer(stage), group=self.group, tag=tag)
+        return dist.isend(tensor.to(self.dtype).contiguous(), self._peer(stage), group=self.group, tag=tag)
 
     def _recv(self, stage: int, tag: int, device):
         buf = torch.empty(self.act_shape, dtype=self.dtype, device=device)

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from megamoe.config import TrainConfig, to_dict
 from megamoe.data.sampler import rank_micro_batches
-from megamoe.model.transformer import flops_per_token
+from megamoe.model.transformer import flops_per_token, is_moe_layer
 from megamoe.ops import optional
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.logging_backends import build_sinks
 from megamoe.training.metrics import JsonlLogger, device_peak_flops, format_console, host_rss_gib
 from megamoe.training.optim import build_optimizer
 from megamoe.training.schedule import lr_at
+from megamoe.training.step_stats import StepStats, moe_layer_positions
 from megamoe.training.watchdog import StepWatchdog
 
 
@@ -60,6 +61,10 @@ class Trainer:
         self.history: list[dict] = []
         self.logger = JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=self.is_main)
         self.flops_per_token = flops_per_token(cfg.model)
+        self.loss_fn = ctx.loss_fn if ctx is not None and ctx.loss_fn is not None else cross_entropy
+        self.pipeline = ctx.pipeline if ctx is not None else None   # PipelineRunner under pp > 1
+        self.moe_positions = moe_layer_positions(model) if hasattr(model, "layers") else {}
+        self.num_moe_layers = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.num_layers))
         self.peak_flops = device_peak_flops(self.device)
 
     # ---------------------------------------------------------------------------------- pieces
@@ -81,25 +86,29 @@ class Trainer:
     def forward_loss(self, inputs, labels) -> torch.Tensor:
         with self.autocast():
             logits = self.model(inputs)
-        if self.ctx is not None and self.ctx.loss_fn is not None:
-            return self.ctx.loss_fn(logits, labels)
-        return cross_entropy(logits, labels)
+        return self.loss_fn(logits, labels)
 
-    def moe_stats(self) -> dict:
-        """Aux-loss values and expert load of the last forward pass, summed over MoE layers."""
-        layers = self.model.moe_layers() if hasattr(self.model, "moe_layers") else []
-        if not layers:
-            return {}
-        stats = [m.last_stats for m in layers if m.last_stats]
-        if not stats:
-            return {}
-        return {
-            "aux": torch.stack([s["aux_loss"] for s in stats]).sum(),
-            "lb": torch.stack([s["lb_loss"] for s in stats]).mean(),
-            "z": torch.stack([s["z_loss"] for s in stats]).mean(),
-            "load": torch.stack([s["tokens_per_expert"].float() for s in stats]),  # [L, E]
-            "dropped": float(torch.stack([torch.as_tensor(s["dropped_frac"]) for s in stats]).mean()),
-        }
+    def new_step_stats(self) -> StepStats:
+        moe = self.cfg.model.moe
+        return StepStats(self.moe_positions, self.num_moe_layers, moe.num_experts if moe else 0, self.device)
+
+    def forward_backward(self, batches) -> StepStats:
+        """Gradients of the step's micro-batches (accumulated in .grad, scaled 1/num_micro),
+        plus their loss and MoE statistics."""
+        stats = self.new_step_stats()
+        if self.pipeline is not None:
+            self.pipeline.forward_backward(self, batches, stats)
+            return stats
+        moe_layers = self.model.moe_layers() if hasattr(self.model, "moe_layers") else []
+        for mb, (inputs, labels) in enumerate(batches):
+            last = mb == len(batches) - 1
+            with self.ctx.no_sync(self.model, last=last) if self.ctx else contextlib.nullcontext():
+                ce = self.forward_loss(inputs, labels)
+                (ce / self.num_micro).backward()
+            stats.add_ce(ce)
+            for layer in moe_layers:
+                stats.add_moe_layer(layer)
+        return stats
 
     def grad_norm_and_clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -122,34 +131,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if hasattr(self.model, "set_aux_loss_scale"):
             self.model.set_aux_loss_scale(1.0 / self.num_micro)
-        ce_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
-        lb_sum = z_sum = 0.0
-        load = None
-        dropped = 0.0
         ids = rank_micro_batches(self.step, cfg.global_batch_size, cfg.micro_batch_size,
                                  self.dp_rank, self.dp_size)
-        for mb, sample_ids in enumerate(ids):
-            inputs, labels = self.get_batch(self.train_ds, sample_ids)
-            sync = self.ctx.no_sync(self.model, last=mb == len(ids) - 1) if self.ctx else contextlib.nullcontext()
-            with sync:
-                ce = self.forward_loss(inputs, labels)
-                (ce / self.num_micro).backward()
-            ce_sum += ce.detach()
-            st = self.moe_stats()
-            if st:
-                aux_sum += st["aux"]
-                lb_sum += float(st["lb"])
-                z_sum += float(st["z"])
-                load = st["load"] if load is None else load + st["load"]
-                dropped += st["dropped"]
+        stats = self.forward_backward([self.get_batch(self.train_ds, sample_ids) for sample_ids in ids])
         if self.ctx is not None:
             self.ctx.reduce_grads(self.model)
         grad_norm = self.grad_norm_and_clip()
-        ce_mean = ce_sum / self.num_micro
-        aux_mean = aux_sum / self.num_micro
+        # One collective for everything logged: the means over DP ranks of the per-rank means
+        # (each rank ran the same number of micro-batches), the expert load summed over every
+        # rank that routed distinct tokens (it also drives the router-bias update).
+        logged = torch.cat([stats.ce_mean(self.num_micro)[None], stats.aux_mean(self.num_micro)[None],
+                            stats.layer_means()])
+        load = stats.load if stats.has_moe else None
         if self.ctx is not None:
-            ce_mean, aux_mean = self.ctx.average_over_dp(torch.stack([ce_mean, aux_mean])).unbind()
+            logged = self.ctx.average_over_dp(logged)
+            load = self.ctx.sum_over_dp(load) if load is not None else None
+        ce_mean, aux_mean, lb_mean, z_mean, dropped_mean = logged.unbind()
         loss = ce_mean + aux_mean
 
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
@@ -177,9 +174,7 @@ class Trainer:
                "tflops_per_gpu": tokens * self.flops_per_token / dt / world / 1e12}
         rec["mfu"] = (rec["tflops_per_gpu"] * 1e12 / self.peak_flops) if self.peak_flops else None
         if load is not None:
-            rec["lb_loss"] = lb_sum / self.num_micro
-            rec["z_loss"] = z_sum / self.num_micro
-            rec["dropped_frac"] = dropped / self.num_micro
+            rec.update(lb_loss=float(lb_mean), z_loss=float(z_mean), dropped_frac=float(dropped_mean))
             per_layer = load / load.sum(-1, keepdim=True).clamp(min=1)       # [L, E] shares
             rec["expert_load"] = [[round(x, 4) for x in row] for row in per_layer.tolist()]
             rec["expert_load_cv"] = float((per_layer.std(-1) / per_layer.mean(-1)).mean())
@@ -189,11 +184,9 @@ class Trainer:
         return rec
 
     def _update_router_bias(self, load: torch.Tensor) -> None:
-        layers = self.model.moe_layers()
-        if self.ctx is not None:
-            load = self.ctx.sum_over_dp(load)
-        for m, layer_load in zip(layers, load):
-            m.router.update_bias(layer_load)
+        """load [L, E]: the step's token counts of every MoE layer of the model (all ranks)."""
+        for m in self.model.moe_layers():
+            m.router.update_bias(load[self.moe_positions[id(m)]])
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -201,13 +194,15 @@ class Trainer:
         if self.valid_ds is None or len(self.valid_ds) == 0 or self.cfg.eval_iters <= 0:
             return None
         self.model.eval()
-        losses = []
-        for i in range(self.cfg.eval_iters):
-            ids = rank_micro_batches(i, self.cfg.micro_batch_size * self.dp_size,
-                                     self.cfg.micro_batch_size, self.dp_rank, self.dp_size)[0]
-            inputs, labels = self.get_batch(self.valid_ds, ids)
-            losses.append(self.forward_loss(inputs, labels).detach())
-        loss = torch.stack(losses).mean()
+        # eval_iters batches of global_batch_size validation samples (as Megatron), so the
+        # value does not depend on the parallel layout.
+        batches = [self.get_batch(self.valid_ds, ids) for i in range(self.cfg.eval_iters)
+                   for ids in rank_micro_batches(i, self.cfg.global_batch_size, self.cfg.micro_batch_size,
+                                                 self.dp_rank, self.dp_size)]
+        if self.pipeline is not None:
+            loss = self.pipeline.evaluate(self, batches)
+        else:
+            loss = torch.stack([self.forward_loss(inputs, labels) for inputs, labels in batches]).mean()
         if self.ctx is not None:
             loss = self.ctx.average_over_dp(loss[None])[0]
         self.model.train()
@@ -231,9 +226,8 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.load_checkpoint(self, ckpt_dir)
             return
-        self.model.load_state_dict(ckpt.load_file(ckpt_dir, "model.pt"))
-        self.optimizer.load_state_dict(ckpt.load_file(ckpt_dir, "optimizer.pt"))
-        self.load_trainer_state(ckpt.load_file(ckpt_dir, "trainer.pt"))
+        # a single-process checkpoint, or a sharded one from any parallel layout
+        self.load_trainer_state(ckpt.load_training_state(ckpt_dir, self.model, self.optimizer))
 
     def load_trainer_state(self, state: dict) -> None:
         self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])

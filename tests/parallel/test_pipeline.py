@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.model.transformer import build_model
-from megamoe.parallel.pipeline import PipelineExecutor, build_stage_chunk, partition_layers, schedule
+from megamoe.parallel.pipeline import PipelineExecutor, apply_pp, partition_layers, schedule, stage_chunks
 
 VOCAB, SEQ, MB, NUM_MICRO = 64, 8, 2, 4
 
@@ -57,21 +57,15 @@ def _worker(rank, world, vpp, layers, tie, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     cfg = model_cfg(layers, tie)
-    full = build_model(cfg, seed=0)
-    stages = partition_layers(layers, world, vpp)
-    n_stages = len(stages)
-    chunks = [build_stage_chunk(full, stages[v * world + rank], v * world + rank == 0,
-                                v * world + rank == n_stages - 1) for v in range(vpp)]
-    for c in chunks:
-        c.train()
-        c.set_aux_loss_scale(1.0 / NUM_MICRO)
+    model = build_model(cfg, seed=0)
+    chunk_layers = apply_pp(model, rank, world, vpp)
+    chunks = stage_chunks(model, chunk_layers, rank, world)
+    model.train()
+    model.set_aux_loss_scale(1.0 / NUM_MICRO)
     inputs, labels = data()
     ex = PipelineExecutor(chunks, rank, world, None, list(range(world)), (MB, SEQ, 32))
     losses = ex.run(list(inputs), list(labels), ce, NUM_MICRO, torch.device("cpu"))
-    grads = {}
-    for c in chunks:
-        for n, p in c.named_parameters():
-            grads[n] = p.grad.clone()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     if tie:  # tied embedding: stage 0's embedding and the last stage's head sum their grads
         emb = grads.get("embed.weight", torch.zeros(VOCAB, 32))
         head = grads.get("lm_head.weight", torch.zeros(VOCAB, 32))

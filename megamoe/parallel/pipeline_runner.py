@@ -1,0 +1,73 @@
+"""PipelineRunner: what the Trainer runs instead of its micro-batch loop when parallel.pp > 1.
+
+The trainer hands over the step's micro-batches; the runner pushes them through this rank's
+stage chunks with the 1F1B / interleaved schedule (pipeline.py), collects the MoE statistics
+of the layers this stage holds, and sums loss and statistics over the pipeline group so that
+every rank logs the same numbers. Tied embeddings whose head sits on the last stage get their
+two gradients summed across the "embed" group before the data-parallel reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamoe.parallel.mesh import ParallelMesh
+from megamoe.parallel.params import set_spec
+from megamoe.parallel.pipeline import PipelineExecutor, stage_chunks
+
+
+class PipelineRunner:
+    def __init__(self, model: torch.nn.Module, mesh: ParallelMesh, chunk_layers: list[list[int]],
+                 micro_batch_size: int, seq_per_rank: int):
+        self.model, self.mesh = model, mesh
+        pp_rank = mesh.rank_in("pp")
+        chunks = stage_chunks(model, chunk_layers, pp_rank, mesh.pp)
+        self.executor = PipelineExecutor(chunks, pp_rank, mesh.pp, mesh.group("pp"), mesh.ranks("pp"),
+                                         (micro_batch_size, seq_per_rank, model.cfg.d_model))
+        self.tied_weight = None
+        if model.cfg.tie_embeddings and mesh.size("embed") > 1:
+            # First stage: the embedding; last stage: the head's copy of it (see apply_pp).
+            self.tied_weight = model.embed.weight if model.embed is not None else model.lm_head.weight
+            if model.embed is None:
+                set_spec(self.tied_weight, norm_counted=False)   # counted once, on stage 0
+
+    def check_num_micro(self, num_micro: int) -> None:
+        if self.executor.vpp > 1 and num_micro % self.mesh.pp:
+            raise ValueError(f"interleaved pipelining needs the micro-batches per step ({num_micro} = "
+                             f"global_batch_size / (micro_batch_size * dp)) to be a multiple of "
+                             f"parallel.pp ({self.mesh.pp})")
+
+    def forward_backward(self, trainer, batches: list[tuple[torch.Tensor, torch.Tensor]], stats) -> None:
+        """Run one step's micro-batches (inputs, labels) forward and backward; fill `stats`."""
+        def after_forward(chunk, micro):
+            for layer in chunk.moe_layers():
+                stats.add_moe_layer(layer)
+
+        inputs, labels = [b[0] for b in batches], [b[1] for b in batches]
+        losses = self.executor.run(inputs, labels, trainer.loss_fn, len(batches), trainer.device,
+                                   after_forward=after_forward, forward_context=trainer.autocast)
+        for loss in losses:
+            stats.add_ce(loss)
+        stats.reduce(self.mesh.group("pp"))
+
+    def evaluate(self, trainer, batches) -> torch.Tensor:
+        """Mean loss over the batches, the same on every pipeline rank."""
+        inputs, labels = [b[0] for b in batches], [b[1] for b in batches]
+        losses = self.executor.forward_only(inputs, labels, trainer.loss_fn, len(batches), trainer.device,
+                                            forward_context=trainer.autocast)
+        total = torch.stack(losses).sum() if losses else torch.zeros((), device=trainer.device)
+        dist.all_reduce(total, group=self.mesh.group("pp"))
+        return total / len(batches)
+
+    def sync_tied_grads(self) -> None:
+        """Sum the embedding's and the head copy's gradients (then both step identically)."""
+        if self.tied_weight is None:
+            return
+        w = self.tied_weight
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        dist.all_reduce(w.grad, group=self.mesh.group("embed"))
+
+
+__all__ = ["PipelineRunner"]
