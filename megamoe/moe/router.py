@@ -73,7 +73,7 @@ class Router(nn.Module):
         Equals 1 for a perfectly balanced router. (transformers' Mixtral/OLMoE function sums over
         the k choices separately, which is K times this value.)
         """
-        num_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+        num_tokens = probs.new_full((), float(probs.shape[0]))   # a fill kernel, not a host copy
         prob_sum = probs.sum(0)                                   # [E]
         stats = self._reduce(torch.cat([counts.float(), num_tokens[None]]).detach())
         counts_g, tokens_g = stats[:-1], stats[-1]
@@ -87,7 +87,7 @@ class Router(nn.Module):
         """mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
         z = torch.logsumexp(logits, dim=-1).square()
         total = z.sum()
-        n = torch.tensor(float(logits.shape[0]), device=logits.device)
+        n = total.new_full((), float(logits.shape[0]))
         stats = self._reduce(torch.stack([total.detach(), n]))
         total_g = total + (stats[0] - total.detach())
         return total_g / stats[1].clamp(min=1)

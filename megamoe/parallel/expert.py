@@ -96,7 +96,7 @@ class AllToAllDispatcher:
         # 5. block-major (source, expert) -> expert-major
         expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_local, device=x.device).repeat(block_counts.shape[0]),
-            block_counts.flatten().to(x.device))
+            block_counts.flatten().to(x.device), output_size=x_recv.shape[0])  # size known: no sync
         order = torch.argsort(expert_of_row, stable=True)
         x_local = x_recv.index_select(0, order)
         counts_local = block_counts.sum(0).to(counts.device)
