@@ -1,7 +1,7 @@
 """Smoke test of the benchmark scripts: they run to the end on CPU and print their ratio lines.
 
 Only that the lines are there is asserted, never the values (timings are not tested; see the
-benchmarks themselves and benchmarks/RESULTS.md). Both scripts run at once, with minimal sizes.
+benchmarks themselves and benchmarks/RESULTS.md). The scripts run at once, with minimal sizes.
 """
 
 import os
@@ -17,6 +17,8 @@ COMMANDS = {
                   "--iters", "1", "--check", "--check-tokens", "64", "--device", "cpu"],
     "train_step": ["benchmarks/train_step.py", "--tiny", "--layers", "1", "--seq", "64", "--batch", "1",
                    "--warmup", "0", "--steps", "1", "--check", "--device", "cpu"],
+    "permute": ["benchmarks/permute.py", "--tokens", "64", "--experts", "8", "--top-k", "2",
+                "--hidden", "32", "--warmup", "0", "--iters", "1", "--device", "cpu"],
 }
 
 
@@ -42,3 +44,7 @@ def test_benchmarks_run_and_print_ratios():
     for variant in ("megamoe", "hf[fp32]"):
         assert re.search(rf"^{re.escape(variant)}\s+{NUM}\s+[0-9]+\s+{NUM}", step, re.M), (variant, step)
     assert re.search(rf"^ratio megamoe / hf\[fp32\] \(tokens/s\): {NUM}$", step, re.M), step
+
+    perm = out["permute"]
+    assert "checked equal" in perm, perm
+    assert re.search(rf"^ratio torch / extension: {NUM}x$", perm, re.M), perm
