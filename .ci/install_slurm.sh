@@ -76,6 +76,9 @@ SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# Tiny cluster: schedule every 2 s, so a requeued job starts right after cred_expire instead of
+# at the next 30 s backfill / 60 s main-loop pass.
+SchedulerParameters=bf_interval=2,sched_interval=2
 # Requeued jobs may start again at once (the default waits before they are eligible).
 JobRequeue=1
 ReturnToService=2

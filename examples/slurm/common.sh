@@ -1,7 +1,8 @@
 # Shared by the examples/slurm/*.sbatch scripts (sourced, not run).
 #
 # What it provides:
-#   megamoe_setup           defaults for the env-var parameters, MASTER_ADDR / MASTER_PORT, threads
+#   megamoe_setup           defaults for the env-var parameters, MASTER_ADDR / MASTER_PORT, threads;
+#                           traps USR1 / TERM from here on (see megamoe_trap_signals)
 #   megamoe_train_args      the `python -m megamoe train` arguments (array TRAIN_ARGS)
 #   megamoe_run_requeueable run a launcher (srun ...) so that a stop signal ends in a checkpoint
 #                           and a requeue, and a finished or crashed run does not requeue
@@ -44,6 +45,8 @@ megamoe_setup() {
     # Torch would otherwise start one thread per core in every rank of a node.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     mkdir -p "$OUT_DIR"
+    MEGAMOE_SIGNALLED=""
+    megamoe_trap_signals
     megamoe_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES:-1} node(s)" \
         "[${SLURM_JOB_NODELIST}], ${SLURM_NTASKS:-?} task(s), master ${MASTER_ADDR}:${MASTER_PORT}," \
         "config ${CONFIG:-<preset>}, out_dir ${OUT_DIR}"
@@ -57,28 +60,52 @@ megamoe_train_args() {
     TRAIN_ARGS+=(--out_dir "$OUT_DIR" --progress false $EXTRA_ARGS)
 }
 
-_megamoe_forward() {  # signal pid: called from the trap
+_megamoe_forward() {  # signal: called from the trap
     MEGAMOE_SIGNALLED=$1
-    megamoe_log "batch shell got SIG$1: forwarding it to the training (pid $2) to save and stop"
-    kill -s "$1" "$2" 2>/dev/null
+    if [ -z "${MEGAMOE_CHILD:-}" ]; then
+        megamoe_log "batch shell got SIG$1 before the training started"
+    elif [ "$1" = TERM ] && [ -n "${SLURM_JOB_ID:-}" ] && command -v scancel >/dev/null; then
+        # srun answers TERM by killing its step at once (no time to save): send TERM to the
+        # step's processes through Slurm instead (they then have KillWait seconds to save).
+        megamoe_log "batch shell got SIGTERM: sending it to the job's steps to save and stop"
+        scancel --signal=TERM "$SLURM_JOB_ID"
+    else
+        # srun passes USR1 on to its tasks.
+        megamoe_log "batch shell got SIG$1: forwarding it to the training (pid $MEGAMOE_CHILD) to save and stop"
+        kill -s "$1" "$MEGAMOE_CHILD" 2>/dev/null
+    fi
+}
+
+megamoe_trap_signals() {
+    # Installed by megamoe_setup, i.e. early: bash's default reaction to USR1 is to die, and a
+    # batch shell killed that way could neither pass the signal on nor requeue the job.
+    trap '_megamoe_forward USR1' USR1
+    trap '_megamoe_forward TERM' TERM
 }
 
 megamoe_run_requeueable() {  # launcher command...
     local state_file="$OUT_DIR/run_state.json" pid rc state step signum
     rm -f "$state_file"  # a stale file from an earlier run must not trigger a requeue
-    MEGAMOE_SIGNALLED=""
-    "$@" &
-    pid=$!
-    trap '_megamoe_forward USR1 '"$pid" USR1
-    trap '_megamoe_forward TERM '"$pid" TERM
-    # `wait` returns early whenever a trapped signal arrives: wait until the launcher is gone,
-    # then once more for its exit status (bash keeps the status of a finished background job).
-    while true; do
+    MEGAMOE_CHILD=""
+    megamoe_trap_signals
+    if [ -n "${MEGAMOE_SIGNALLED:-}" ]; then
+        megamoe_log "not starting the training: SIG$MEGAMOE_SIGNALLED came first"
+        rc=$((128 + $(kill -l "$MEGAMOE_SIGNALLED")))
+    else
+        "$@" &
+        pid=$!
+        MEGAMOE_CHILD=$pid
+        # A signal that came while the launcher was being started has not been passed on yet.
+        [ -n "${MEGAMOE_SIGNALLED:-}" ] && kill -s "$MEGAMOE_SIGNALLED" "$pid" 2>/dev/null
+        # `wait` returns early whenever a trapped signal arrives: wait until the launcher is
+        # gone, then once more for its exit status (bash keeps the status of a finished job).
+        while true; do
+            wait "$pid"
+            kill -0 "$pid" 2>/dev/null || break
+        done
         wait "$pid"
-        kill -0 "$pid" 2>/dev/null || break
-    done
-    wait "$pid"
-    rc=$?
+        rc=$?
+    fi
     trap - USR1 TERM
     state=$(sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p' "$state_file" 2>/dev/null)
     step=$(sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$state_file" 2>/dev/null)

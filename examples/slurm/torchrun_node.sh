@@ -7,11 +7,28 @@
 # So torchrun starts with USR1 ignored, and this wrapper passes USR1 / TERM straight to the
 # workers (torchrun's child processes). Workers that saved and exited 0 make torchrun exit 0, and
 # the batch script decides about the requeue from run_state.json (USR1 requeues, TERM does not).
+# A signal that comes before torchrun has started its workers is kept and delivered once they exist.
+# TERM from Slurm itself (scancel, the time limit) reaches every process of the step, torchrun
+# included: torchrun passes it to its workers, waits for them (they save a checkpoint and exit)
+# and exits 1, so such a job ends FAILED / CANCELLED with its checkpoint written.
 set -u
 
 NPROC=${GPUS_PER_NODE:-1}
 NNODES=${SLURM_JOB_NUM_NODES:-1}
 NODE_RANK=${SLURM_NODEID:-0}
+TORCHRUN_PID=""
+PENDING=""
+
+deliver() {  # pass a pending signal to torchrun's workers, if they exist yet
+    [ -n "$PENDING" ] && [ -n "$TORCHRUN_PID" ] || return 0
+    if pkill "-$PENDING" -P "$TORCHRUN_PID"; then
+        echo "torchrun_node [node $NODE_RANK]: got SIG$PENDING, passing it to the workers of torchrun $TORCHRUN_PID"
+        PENDING=""
+    fi
+}
+# Trapped before anything starts: bash's default reaction to USR1 is to die.
+trap 'PENDING=USR1; deliver' USR1
+trap 'PENDING=TERM; deliver' TERM
 
 (
     trap '' USR1   # inherited by torchrun; megamoe's workers install their own handler
@@ -22,15 +39,14 @@ NODE_RANK=${SLURM_NODEID:-0}
 ) &
 TORCHRUN_PID=$!
 
-forward() {
-    echo "torchrun_node [node $NODE_RANK]: got SIG$1, passing it to the workers of torchrun $TORCHRUN_PID"
-    pkill "-$1" -P "$TORCHRUN_PID"
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-
-while true; do
-    wait "$TORCHRUN_PID"
-    kill -0 "$TORCHRUN_PID" 2>/dev/null || break
+# `wait` returns early whenever a trapped signal arrives; while a signal is pending (no workers
+# yet), poll once a second.
+while kill -0 "$TORCHRUN_PID" 2>/dev/null; do
+    deliver
+    if [ -n "$PENDING" ]; then
+        sleep 1
+    else
+        wait "$TORCHRUN_PID"
+    fi
 done
 wait "$TORCHRUN_PID"

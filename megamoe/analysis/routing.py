@@ -45,36 +45,6 @@ def resolve_checkpoint(path: str) -> str:
     return latest
 
 
-def _merge_rank_shards(ckpt_dir: str, model: torch.nn.Module) -> dict:
-    """Full state dict from a parallel checkpoint's model_rank*.pt shards (each parameter's spec
-    says which global slice a rank holds; buffers are full copies on every rank)."""
-    from megamoe.parallel.params import place_shard
-    files = sorted((f for f in os.listdir(ckpt_dir) if re.fullmatch(r"model_rank\d+\.pt", f)),
-                   key=lambda f: int(re.findall(r"\d+", f)[0]))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    placed: set[str] = set()
-    for fname in files:
-        shard = ckpt.load_file(ckpt_dir, fname)
-        tensors, specs = shard["model"], shard.get("specs", {})
-        for name, local in tensors.items():
-            if name not in state:
-                raise ValueError(f"{ckpt_dir}/{fname} has parameter {name!r} that the model built from "
-                                 f"config.yaml lacks")
-            spec = specs.get(name)
-            if spec is None or list(local.shape) == list(state[name].shape):
-                if name not in placed:  # full copy: take the first rank's
-                    state[name] = local.to(state[name].dtype)
-            else:
-                index = tuple(tuple(tuple(r) for r in ranges) for ranges in spec["index"])
-                place_shard(state[name], local, index)
-            placed.add(name)
-    missing = sorted(set(state) - placed)
-    if missing:
-        raise ValueError(f"parallel checkpoint {ckpt_dir!r} lacks {missing[0]!r} (and {len(missing) - 1} "
-                         f"more); was it written with pipeline parallelism?")
-    return state
-
-
 def load_checkpoint_model(path: str, device: str = "cpu"):
     """(model in eval mode, TrainConfig, checkpoint dir, step) from a megamoe checkpoint."""
     from megamoe.model.transformer import build_model
@@ -87,10 +57,16 @@ def load_checkpoint_model(path: str, device: str = "cpu"):
     if os.path.exists(os.path.join(ckpt_dir, "model.pt")):
         state = ckpt.load_file(ckpt_dir, "model.pt")
     elif os.path.exists(os.path.join(ckpt_dir, "model_rank0.pt")):
-        state = _merge_rank_shards(ckpt_dir, model)
+        # A parallel run's shards (any TP / EP / PP / ZeRO layout) put back together.
+        from megamoe.parallel.dist_checkpoint import consolidate
+        state = consolidate(ckpt_dir)
     else:
         raise ValueError(f"checkpoint {ckpt_dir!r} has no model.pt (or model_rank*.pt)")
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model lacks"
+        raise ValueError(f"checkpoint {ckpt_dir!r} does not match the model its config.yaml describes: "
+                         f"it {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
     step = None
     if os.path.exists(os.path.join(ckpt_dir, "trainer.pt")):
         step = int(ckpt.load_file(ckpt_dir, "trainer.pt")["step"])
@@ -235,7 +211,8 @@ def pick_layers(layer_ids: list[int], wanted: list[int] | None, max_layers: int 
             raise ValueError(f"--layers {missing[0]} is not a MoE layer; MoE layers are {layer_ids}")
         return [layer_ids.index(w) for w in wanted]
     n = len(layer_ids)
-    return sorted({round(i * (n - 1) / max(1, max_layers - 1)) for i in range(min(n, max_layers))})
+    count = min(n, max_layers)
+    return sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)})
 
 
 def plot_expert_load(summary: dict, path: str) -> None:
@@ -265,7 +242,7 @@ def plot_expert_load(summary: dict, path: str) -> None:
 def plot_coactivation(summary: dict, layer_pos: list[int], path: str) -> None:
     plt = _pyplot()
     n = len(layer_pos)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1, 4), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1.4, 3.8), squeeze=False, layout="constrained")
     im = None
     for ax, li in zip(axes[0], layer_pos):
         layer = summary["layers"][li]
@@ -275,9 +252,9 @@ def plot_coactivation(summary: dict, layer_pos: list[int], path: str) -> None:
         ax.set_title(f"layer {layer['layer']}")
         ax.set_xlabel("expert j")
         ax.set_ylabel("expert i")
-    fig.colorbar(im, ax=list(axes[0]), label="P(j also chosen | i chosen)")
-    fig.suptitle("Expert co-activation")
-    fig.savefig(path, dpi=100)
+    fig.colorbar(im, ax=list(axes[0]), label="P(j also chosen | i chosen)", shrink=0.9)
+    fig.suptitle(f"Expert co-activation ({summary['tokens']} tokens, top-{summary['top_k']})")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -2,25 +2,42 @@
 
 Supported launchers (checked in this order):
   torchrun (or any launcher setting RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
-  Slurm srun, one task per GPU: RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS,
-      LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = first host of SLURM_JOB_NODELIST
-      (`scontrol show hostnames`, else parsed here), MASTER_PORT = $MASTER_PORT or
-      a port derived from SLURM_JOB_ID (same on every task of the job)
+  Slurm srun, one task per GPU: RANK = SLURM_PROCID, WORLD_SIZE = SLURM_STEP_NUM_TASKS
+      (else SLURM_NTASKS), LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = $MASTER_ADDR or the first
+      host of the step's / job's node list (`scontrol show hostnames`, else parsed here),
+      MASTER_PORT = $MASTER_PORT or a port derived from SLURM_JOB_ID (same on every task of
+      the job, and again after a requeue). Only inside a job step (SLURM_STEP_ID set, i.e.
+      under srun): the batch shell itself has SLURM_PROCID=0 and SLURM_NTASKS=N too, and a
+      python started there without srun is one process, not rank 0 of N.
   nothing set: a single process (rank 0 of 1)
 
 Functions (for scripts and tests building on this):
   detect_env(environ=None) -> DistEnv        rank, world_size, local_rank, master_addr/port, launcher
   first_host(nodelist) -> str               first host of a Slurm node list (scontrol or parse)
-  parse_first_host(nodelist) -> str         the parser alone: "gpu[003-005,007],cpu1" -> "gpu003"
+  parse_first_host(nodelist) -> str         the parser alone: "gpu[003-005,007],cpu1" -> "gpu003",
+                                            "rack[1-2]-n[01-04]" -> "rack1-n01"
   port_from_job_id(job_id) -> int           deterministic port in [15000, 35000)
   resolve_backend(name) -> "nccl" | "gloo"  "auto": nccl when CUDA is available, else gloo
   init_distributed(pcfg, environ=None) -> DistEnv   init_process_group (no-op if already done)
   device_for(env, backend) -> torch.device  cuda:LOCAL_RANK for nccl (and selects it), else cpu
   shutdown_distributed()                    barrier + destroy_process_group
+
+Timeouts and fault messages (parallel.timeout_s applies to every group, not only the world):
+  new_group(ranks, name, timeout_s) -> group  dist.new_group with timeout and group_desc=name
+                                            (NCCL's watchdog prints the name in its timeout
+                                            reports; group_label() below reads it back)
+  group_label(group) -> str                 "'ep' (ranks 0,1)" for messages
+  group_timeout_s(group) -> float | None    the timeout a group was created with
+  guarded(group, timeout_s=None)            context: a timeout inside becomes a
+                                            CollectiveTimeout naming the group (gloo's own
+                                            error does not say which group hung)
+  check_config_agrees(cfg)                  all-gather a fingerprint of the config; ValueError
+                                            naming the differing fields when ranks disagree
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -44,7 +61,9 @@ class DistEnv:
 def parse_first_host(nodelist: str) -> str:
     """First host of a Slurm node list without calling scontrol.
 
-    "node1,node2" -> "node1"; "gpu[003-005,007]" -> "gpu003"; "a[1-2]-ib,b" -> "a1-ib".
+    "node1,node2" -> "node1"; "gpu[003-005,007]" -> "gpu003"; "a[1-2]-ib,b" -> "a1-ib";
+    "rack[1-2]-n[01-04]" -> "rack1-n01" (Slurm expands every bracket; the first host takes the
+    first value of each, zero padding kept).
     """
     nodelist = nodelist.strip()
     if not nodelist:
@@ -54,16 +73,18 @@ def parse_first_host(nodelist: str) -> str:
     for i, ch in enumerate(nodelist):
         depth += ch == "["
         depth -= ch == "]"
+        if depth < 0 or depth > 1:
+            raise ValueError(f"malformed Slurm node list {nodelist!r}")
         if ch == "," and depth == 0:
             end = i
             break
     entry = nodelist[:end]
-    m = re.match(r"^([^\[]*)\[([^\]]+)\](.*)$", entry)
-    if not m:
-        return entry
-    prefix, ranges, suffix = m.groups()
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}{suffix}"
+    if entry.count("[") != entry.count("]"):
+        raise ValueError(f"malformed Slurm node list {nodelist!r}")
+    first = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0].strip(), entry)
+    if not first:
+        raise ValueError(f"malformed Slurm node list {nodelist!r}")
+    return first
 
 
 def first_host(nodelist: str) -> str:
@@ -88,14 +109,17 @@ def detect_env(environ=None) -> DistEnv:
                        local_rank=int(env.get("LOCAL_RANK", 0)),
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=int(env.get("MASTER_PORT", 29500)), launcher="torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    # Inside an srun step only (SLURM_STEP_ID): see the module docstring.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                    or env.get("SLURM_NODELIST") or "")
         addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1")
         if "MASTER_PORT" in env:
             port = int(env["MASTER_PORT"])
         else:
-            port = port_from_job_id(env.get("SLURM_JOB_ID", "0"))
-        return DistEnv(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+            port = port_from_job_id(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0")
+        return DistEnv(rank=int(env["SLURM_PROCID"]), world_size=int(world),
                        local_rank=int(env.get("SLURM_LOCALID", 0)), master_addr=addr,
                        master_port=port, launcher="slurm")
     return DistEnv()
@@ -132,8 +156,12 @@ def init_distributed(pcfg, environ=None) -> DistEnv:
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = device_for(env, backend)
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=pcfg.timeout_s), **kwargs)
+    from megamoe.training.watchdog import named_collective
+    # A rank that never shows up makes the rendezvous time out after parallel.timeout_s.
+    with named_collective(f"world (startup rendezvous at {env.master_addr}:{env.master_port}, "
+                          f"{env.world_size} ranks)", pcfg.timeout_s):
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=pcfg.timeout_s), **kwargs)
     return env
 
 
@@ -143,5 +171,72 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------ timeouts and fault messages
+
+def new_group(ranks: list[int], name: str, timeout_s: float | None = None):
+    """dist.new_group(ranks) named `name` (group_desc) with the given timeout.
+
+    Without an explicit timeout torch gives a new group the backend default (30 min for gloo,
+    10 min for NCCL), not the world group's parallel.timeout_s. Every rank must call this for
+    every group, in the same order (a torch.distributed rule)."""
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    return dist.new_group(ranks, timeout=timeout, group_desc=name)
+
+
+def group_label(group=None) -> str:
+    """"'ep' (ranks 0,1)": the group's name (group_desc) and global ranks, for messages."""
+    if group is None or group is dist.GroupMember.WORLD:
+        return f"'world' ({dist.get_world_size() if dist.is_initialized() else 1} ranks)"
+    name = getattr(group, "group_desc", "") or ""
+    if name in ("", "undefined"):
+        name = f"group {getattr(group, 'group_name', '?')}"
+    try:
+        ranks = ",".join(map(str, dist.get_process_group_ranks(group)))
+    except (RuntimeError, ValueError):
+        return f"{name!r}"
+    return f"{name!r} (ranks {ranks})"
+
+
+def group_timeout_s(group=None) -> float | None:
+    """The collective timeout (seconds) `group` (default: the world) was created with."""
+    pg = dist.GroupMember.WORLD if group is None else group
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        try:
+            return pg._get_backend(device).options._timeout.total_seconds()
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def guarded(group=None, timeout_s: float | None = None):
+    """Run collectives on `group`; a timeout becomes a CollectiveTimeout naming the group:
+
+        with guarded(mesh.group("ep")):
+            dist.all_to_all_single(out, inp, group=mesh.group("ep"))
+
+    gloo's own error ("Timed out waiting 600000ms for recv operation") says neither which group
+    nor which setting. With NCCL the watchdog usually ends the process first; its report names
+    the group too, because new_group() sets group_desc. Costs nothing until an error: the label
+    and the timeout are looked up only then."""
+    from megamoe.training.watchdog import collective_timeout, is_collective_timeout
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - backends raise RuntimeError / DistBackendError / ...
+        if not is_collective_timeout(err):
+            raise
+        raise collective_timeout(group_label(group), timeout_s or group_timeout_s(group), err) from err
+
+
+def check_config_agrees(cfg, group=None, timeout_s: float | None = None) -> None:
+    """All ranks must train the same config: all-gather a fingerprint of every field and raise
+    ValueError naming the differing fields (e.g. "config differs on rank 1 (model.d_model=256
+    vs 128 on rank 0)"). No-op without torch.distributed."""
+    from megamoe.training.watchdog import check_ranks_agree, config_fingerprint
+    check_ranks_agree({"config": config_fingerprint(cfg)}, group=group,
+                      timeout_s=timeout_s or cfg.parallel.timeout_s)
+
+
 __all__ = ["DistEnv", "detect_env", "first_host", "parse_first_host", "port_from_job_id",
-           "resolve_backend", "device_for", "init_distributed", "shutdown_distributed"]
+           "resolve_backend", "device_for", "init_distributed", "shutdown_distributed",
+           "new_group", "group_label", "group_timeout_s", "guarded", "check_config_agrees"]

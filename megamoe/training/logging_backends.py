@@ -45,19 +45,27 @@ def flatten_record(rec: dict) -> dict[str, float]:
 
 
 class TensorBoardSink:
+    """Event files under <out_dir>/tensorboard. The writer opens at the first record with
+    purge_step = that step, so after a resume from an older checkpoint TensorBoard drops the
+    steps the crashed run had logged past it (they are logged again)."""
+
     def __init__(self, log_dir: str, cfg: TrainConfig):
         from torch.utils.tensorboard import SummaryWriter  # ImportError without tensorboard
-        self.writer = SummaryWriter(log_dir=log_dir)
-        self.writer.add_text("config", "```\n" + json.dumps(to_dict(cfg), indent=2) + "\n```", 0)
+        self._writer_cls, self.log_dir, self.cfg = SummaryWriter, log_dir, cfg
+        self.writer = None
 
     def log(self, rec: dict) -> None:
         step = int(rec["step"])
+        if self.writer is None:
+            self.writer = self._writer_cls(log_dir=self.log_dir, purge_step=step)
+            self.writer.add_text("config", "```\n" + json.dumps(to_dict(self.cfg), indent=2) + "\n```", step)
         for tag, value in flatten_record(rec).items():
             self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
 
 
 class WandbSink:

@@ -7,15 +7,34 @@ import time
 
 import torch
 
-# Dense bf16 peak FLOP/s used for MFU (vendor numbers, no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+# Dense (no sparsity) bf16 peak FLOP/s per device for MFU, from the vendors' data sheets.
+# Matched as substrings of torch.cuda.get_device_name(), first match wins (specific names first).
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+    ("H200", 989e12), ("H800", 989e12), ("GB200", 2500e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 70e12),
+    ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+# Override (TFLOP/s per device), e.g. for a device not listed or to compute MFU on CPU.
+PEAK_ENV = "MEGAMOE_PEAK_TFLOPS"
 
 
-def device_peak_flops(device: torch.device) -> float | None:
+def device_peak_flops(device: torch.device, environ=None) -> float | None:
+    """Peak dense bf16 FLOP/s of `device` for MFU: $MEGAMOE_PEAK_TFLOPS if set, else the table
+    above for CUDA devices; None when unknown (MFU is then not reported)."""
+    env = os.environ if environ is None else environ
+    if env.get(PEAK_ENV):
+        try:
+            value = float(env[PEAK_ENV])
+        except ValueError:
+            raise ValueError(f"{PEAK_ENV} must be a number of TFLOP/s, got {env[PEAK_ENV]!r}") from None
+        if value <= 0:
+            raise ValueError(f"{PEAK_ENV} must be > 0, got {value}")
+        return value * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
+    for key, value in PEAK_FLOPS:
         if key in name:
             return value
     return None

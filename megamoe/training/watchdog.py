@@ -169,7 +169,8 @@ def check_ranks_agree(fingerprints: dict, group=None, timeout_s: float | None = 
         return
     world = dist.get_world_size(group)
     gathered: list = [None] * world
-    with named_collective("world" if group is None else "given", timeout_s):
+    from megamoe.parallel.launch import group_label
+    with named_collective(group_label(group), timeout_s):
         dist.all_gather_object(gathered, fingerprints, group=group)
     problem = disagreement(gathered)
     if problem:
@@ -199,23 +200,31 @@ def _is_timeout(err: BaseException) -> bool:
     return "timed out" in text or "timeout" in text or type(err).__name__ in ("DistStoreError",)
 
 
+def collective_timeout(group_name: str, timeout_s: float | None, err: BaseException) -> "CollectiveTimeout":
+    """The CollectiveTimeout to raise (from `err`) for a timed-out collective on `group_name`."""
+    limit = f" after {timeout_s:g} s (parallel.timeout_s)" if timeout_s else ""
+    first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return CollectiveTimeout(
+        f"collective on process group {group_name} timed out{limit}: some rank of that group "
+        f"is stuck or died (check the other ranks' logs; raise parallel.timeout_s for slow "
+        f"steps). Backend said: {first_line}")
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    return not isinstance(err, CollectiveTimeout) and _is_timeout(err)
+
+
 @contextlib.contextmanager
 def named_collective(group_name: str, timeout_s: float | None = None):
     """Re-raise a timeout inside the body as CollectiveTimeout naming `group_name`:
 
-        with named_collective("expert-parallel (ep)", cfg.parallel.timeout_s):
+        with named_collective("'ep' (ranks 0,1)", cfg.parallel.timeout_s):
             dist.all_to_all_single(...)
     """
     try:
         yield
-    except CollectiveTimeout:
-        raise
     except Exception as err:  # noqa: BLE001 - backends raise RuntimeError / DistBackendError / ...
-        if not _is_timeout(err):
+        if not is_collective_timeout(err):
             raise
-        limit = f" after {timeout_s:g} s (parallel.timeout_s)" if timeout_s else ""
-        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise CollectiveTimeout(
-            f"collective on process group {group_name!r} timed out{limit}: some rank of that group "
-            f"is stuck or died (check the other ranks' logs; raise parallel.timeout_s for slow "
-            f"steps). Backend said: {first_line}") from err
+        raise collective_timeout(group_name if group_name.startswith("'") else repr(group_name),
+                                 timeout_s, err) from err

@@ -23,10 +23,14 @@ COMMANDS = {
 
 
 def test_benchmarks_run_and_print_ratios():
+    from megamoe import ops
+    commands = dict(COMMANDS)
+    if ops.backend("cpu") == "torch":   # extension not built: nothing to compare against
+        commands.pop("permute")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = {name: subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for name, cmd in COMMANDS.items()}
+             for name, cmd in commands.items()}
     out = {}
     for name, p in procs.items():
         out[name], _ = p.communicate(timeout=300)
@@ -45,6 +49,8 @@ def test_benchmarks_run_and_print_ratios():
         assert re.search(rf"^{re.escape(variant)}\s+{NUM}\s+[0-9]+\s+{NUM}", step, re.M), (variant, step)
     assert re.search(rf"^ratio megamoe / hf\[fp32\] \(tokens/s\): {NUM}$", step, re.M), step
 
+    if "permute" not in out:
+        return
     perm = out["permute"]
     assert "checked equal" in perm, perm
     assert re.search(rf"^ratio torch / extension: {NUM}x$", perm, re.M), perm
