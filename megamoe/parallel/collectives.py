@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel.launch import guarded   # timeouts become errors naming the group
+
 
 def group_size(group) -> int:
     return dist.get_world_size(group)
@@ -39,18 +41,21 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 
 def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     """out = cat over ranks of inp, along dim 0 (out has n * inp.shape[0] rows)."""
-    _all_gather_flat(out, inp, group=group)
+    with guarded(group):
+        _all_gather_flat(out, inp, group=group)
 
 
 def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     """out = this rank's 1/n of the sum over ranks of inp, along dim 0."""
-    _reduce_scatter_flat(out, inp, group=group)
+    with guarded(group):
+        _reduce_scatter_flat(out, inp, group=group)
 
 
 def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce; returns t."""
     if group_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
+        with guarded(group):
+            dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -87,7 +92,8 @@ def _own_chunk(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 def _all_to_all_rows(x: torch.Tensor, group, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    with guarded(group):
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
 
 

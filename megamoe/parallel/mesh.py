@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megamoe.parallel.launch import new_group
+
 GROUP_NAMES = ("tp", "dp", "pp", "dp_tp", "ep", "etp", "edp", "embed")
 
 
@@ -129,7 +131,7 @@ class ParallelMesh:
     explicit group (they return early when the group has one rank).
     """
 
-    def __init__(self, layout: Layout, rank: int):
+    def __init__(self, layout: Layout, rank: int, timeout_s: float | None = None):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed must be initialised before building a ParallelMesh")
         if dist.get_world_size() != layout.world_size:
@@ -141,13 +143,14 @@ class ParallelMesh:
         self._ranks: dict[str, list[int]] = {}
         for name in GROUP_NAMES:
             for ranks in layout.groups(name):  # every rank creates every group, same order
-                pg = dist.new_group(ranks)
+                pg = new_group(ranks, name, timeout_s)   # named: errors say which group
                 if rank in ranks:
                     self._groups[name], self._ranks[name] = pg, ranks
 
     @classmethod
     def from_config(cls, pcfg, world_size: int, rank: int) -> "ParallelMesh":
-        return cls(make_layout(world_size, pcfg.tp, pcfg.pp, pcfg.dp, pcfg.ep, pcfg.etp), rank)
+        return cls(make_layout(world_size, pcfg.tp, pcfg.pp, pcfg.dp, pcfg.ep, pcfg.etp), rank,
+                   timeout_s=pcfg.timeout_s)
 
     # --------------------------------------------------------------------------------- queries
     def group(self, name: str) -> dist.ProcessGroup:

@@ -41,7 +41,7 @@ def setup_parallel_training(cfg, verbose: bool = True):
     if pcfg.virtual_pp > 1 and pcfg.pp == 1:
         raise ValueError("parallel.virtual_pp > 1 needs parallel.pp > 1")
     layout = make_layout(world, pcfg.tp, pcfg.pp, pcfg.dp, pcfg.ep, pcfg.etp)
-    mesh = ParallelMesh(layout, rank)
+    mesh = ParallelMesh(layout, rank, timeout_s=pcfg.timeout_s)
     sp = pcfg.sequence_parallel and mesh.tp > 1
     check_model_config(cfg, mesh, sp)
     if verbose and rank == 0:

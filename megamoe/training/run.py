@@ -96,7 +96,8 @@ def write_run_state(out_dir: str, state: str, step: int, steps: int, signum: int
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     cfg = load(args.config, overrides, args.preset)
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    from megamoe.parallel.launch import detect_env
+    world_size = detect_env().world_size   # torchrun or a Slurm step (not the batch shell)
     validate(cfg, world_size=world_size)
     stop = StopFlag()
     stop.install()
