@@ -51,6 +51,15 @@ class MoELayer(nn.Module):
         self.aux_loss_scale = 1.0
         self.last_stats: dict = {}
 
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+        """Under autocast, the tokens in the autocast dtype: torch._grouped_mm is not an autocast
+        op (it would run in fp32), and casting before the permutation halves the bytes that are
+        permuted and sent over expert parallelism."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # [T, H]
@@ -61,7 +70,7 @@ class MoELayer(nn.Module):
         dropless = self.cfg.capacity_factor <= 0
         # Dropless: the permuted row count is known (T*K), so the GPU path needs no host sync.
         x_perm, counts, ctx = self.dispatcher.dispatch(
-            x, topk_idx, num_valid=topk_idx.numel() if dropless else None)  # [N, H], [E_local]
+            self._compute_dtype(x), topk_idx, num_valid=topk_idx.numel() if dropless else None)  # [N, H], [E_local]
         y_perm = self.experts(x_perm, counts)
         y = self.dispatcher.combine(y_perm, route.topk_weight, ctx).to(x.dtype)  # [T, H]
         if self.shared_experts is not None:

@@ -109,3 +109,22 @@ def test_capacity_drops_and_stats():
     assert int(s["tokens_per_expert"].sum()) == round(64 * (1 - dropped))
     # Dropped slots contribute nothing: a token with both slots dropped gets a zero output.
 
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+def test_autocast_runs_experts_in_the_autocast_dtype(backend):
+    """torch._grouped_mm is not an autocast op: the layer casts the tokens itself, so the expert
+    GEMMs (and the permutation) run in bf16 under autocast; the output stays close to fp32."""
+    layer = make_layer()
+    layer.experts.backend = backend
+    x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+    layer.experts.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    ref = layer(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.clone().requires_grad_(True))
+    assert seen == [torch.float32, torch.bfloat16]
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.detach(), ref, atol=0.15, rtol=0.05)
+    y.sum().backward()
+    assert layer.experts.w_gate_up.grad.dtype == torch.float32
