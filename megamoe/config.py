@@ -46,6 +46,14 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 0             # 0 -> num_heads (MHA)
     head_dim: int = 0                 # 0 -> d_model // num_heads
+    # gqa: MHA/GQA with RoPE (Llama, OLMoE, Mixtral); mla: DeepSeek-V2/V3 Multi-head Latent
+    # Attention, sized by the five fields below (unused by gqa; num_kv_heads / head_dim unused by mla)
+    attention: str = "gqa"
+    q_lora_rank: int = 0              # mla: low-rank query (q_a_proj -> norm -> q_b_proj); 0 -> q_proj
+    kv_lora_rank: int = 0             # mla: width of the compressed, RMS-normalised KV latent
+    qk_nope_head_dim: int = 0         # mla: per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 0         # mla: per-head query dims with RoPE (key part shared by heads)
+    v_head_dim: int = 0               # mla: per-head value dim
     ffn_hidden: int = 512             # dense MLP intermediate size
     seq_length: int = 128
     norm: str = "rmsnorm"             # rmsnorm | layernorm
@@ -344,7 +352,23 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     kv = m.num_kv_heads or m.num_heads
     _check(m.num_heads % kv == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({kv})")
-    if not m.head_dim:
+    _check(m.attention in ("gqa", "mla"), f"model.attention must be gqa or mla, got {m.attention!r}")
+    if m.attention == "mla":
+        _check(m.kv_lora_rank > 0,
+               f"model.attention mla needs model.kv_lora_rank > 0 (got {m.kv_lora_rank})")
+        _check(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
+               "model.attention mla needs an even model.qk_rope_head_dim > 0 "
+               f"(got {m.qk_rope_head_dim})")
+        _check(m.qk_nope_head_dim >= 0 and m.q_lora_rank >= 0,
+               "model.qk_nope_head_dim and model.q_lora_rank must be >= 0 "
+               "(q_lora_rank 0 = no query LoRA)")
+        _check(m.v_head_dim > 0, f"model.attention mla needs model.v_head_dim > 0 (got {m.v_head_dim})")
+        _check(kv == m.num_heads, f"model.attention mla has one key/value per query head; leave "
+               f"model.num_kv_heads 0 (got {m.num_kv_heads})")
+        _check(not m.qk_norm and not m.qkv_bias and not m.bias,
+               "model.attention mla has no qk_norm / qkv_bias / bias "
+               "(DeepSeek's latent norms replace them)")
+    elif not m.head_dim:
         _check(m.d_model % m.num_heads == 0,
                f"model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads}) "
                "or set model.head_dim")

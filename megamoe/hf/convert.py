@@ -29,6 +29,7 @@ from megamoe.hf.io import (HFTensors, atomic_output_dir, check_state, expected_s
                            write_megamoe)
 from megamoe.hf.layouts import (config_from_hf, config_to_hf, expert_keys, fused_expert_keys,
                                 get_layout, hf_name, infer_model_type, is_expert_tensor)
+from megamoe.hf.layouts_deepseek import mla_tensor_from_hf, mla_tensor_to_hf
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -72,6 +73,8 @@ def to_hf_state(cfg: ModelConfig, state: dict, model_type: str,
         key = hf_name(layout, name)
         if key is None:
             continue  # a softmax router's selection bias: unused by megamoe, absent in HF
+        if layout.attention == "mla":
+            t = mla_tensor_to_hf(cfg, name, t)  # rotary rows in DeepSeek's interleaved order
         put(key, t, keep_fp32=name.endswith("router.expert_bias"))
     return out
 
@@ -121,9 +124,12 @@ def _read_experts(hf, layout, layer: str, num_experts: int, used: set) -> tuple[
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def from_hf_state(cfg: ModelConfig, tensors, model_type: str) -> tuple[dict, list[str]]:
-    """(megamoe state dict, notes) from HF tensors (an HFTensors or a plain dict)."""
+def from_hf_state(cfg: ModelConfig, tensors, model_type: str,
+                  hf_config: dict | None = None) -> tuple[dict, list[str]]:
+    """(megamoe state dict, notes) from HF tensors (an HFTensors or a plain dict); `hf_config`
+    (config.json) says how deepseek_v3 stores its rotary rows (rope_interleave, default true)."""
     layout = get_layout(model_type)
+    interleaved = (hf_config or {}).get("rope_interleave", True) is not False
     hf = _DictTensors(tensors) if isinstance(tensors, dict) else tensors
     for key in hf.keys():  # e.g. mixtral's in-memory "mlp" for on-disk "block_sparse_moe"
         for alias in layout.block_aliases:
@@ -150,6 +156,8 @@ def from_hf_state(cfg: ModelConfig, tensors, model_type: str) -> tuple[dict, lis
         if key not in hf:
             raise ValueError(f"{model_type} checkpoint lacks {key!r} (megamoe {name!r})")
         state[name] = hf[key]
+        if layout.attention == "mla":
+            state[name] = mla_tensor_from_hf(cfg, name, state[name], interleaved)
         used.add(key)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
@@ -184,7 +192,7 @@ def read_hf(src: str, seq_length: int | None = None) -> tuple[str, ModelConfig, 
     if seq_length:
         cfg.seq_length = seq_length
     validate(TrainConfig(model=cfg))
-    state, notes = from_hf_state(cfg, HFTensors(src), hf_cfg["model_type"])
+    state, notes = from_hf_state(cfg, HFTensors(src), hf_cfg["model_type"], hf_cfg)
     return hf_cfg["model_type"], cfg, state, notes
 
 
@@ -287,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     to = sub.add_parser("to-hf", help="megamoe checkpoint (or out_dir) -> HF model directory")
     to.add_argument("src", help="megamoe checkpoint directory, or an out_dir (latest checkpoint)")
     to.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-    to.add_argument("--model-type", help="olmoe, mixtral, qwen2_moe, glm4_moe, llama or olmo2 "
+    to.add_argument("--model-type", help="olmoe, mixtral, qwen2_moe, glm4_moe, deepseek_v3, llama or "
+                    "olmo2 "
                     "(default: inferred from the model config)")
     to.add_argument("--tokenizer", help="tokenizer.json, or a directory of tokenizer files, to copy")
     to.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this (5GB)")

@@ -22,11 +22,11 @@ Semantics checked against transformers 5.x (see DESIGN.md, "Routing semantics"):
              mlp_only_layers / decoder_sparse_step.
   glm4_moe   DeepSeek-V3 routing (sigmoid scores, e_score_correction_bias for selection only,
              optional renormalisation, routed_scaling_factor, first_k_dense_replace, shared
-             experts without gate) on standard GQA attention. This is how megamoe exports
-             `sigmoid_bias` models; see `deepseek_v3` for why not that type.
-  deepseek_v3  refused: its attention is always Multi-head Latent Attention (a low-rank,
-             RMS-normalised KV latent and a rotary key shared by all heads), which megamoe's
-             MHA/GQA attention cannot represent, in either direction.
+             experts without gate) on standard GQA attention: megamoe `sigmoid_bias` models
+             with attention "gqa".
+  deepseek_v3  the same routing with Multi-head Latent Attention (megamoe attention "mla");
+             rotary rows are stored interleaved (rope_interleave). Both: layouts_deepseek.py.
+  deepseek_v2  refused (softmax / group-limited routing not verified against megamoe's).
   llama      dense, pre-norm; attention_bias (q,k,v,o) and mlp_bias both == megamoe `bias`.
   olmo2      dense, post-norm ("reordered norm": x + norm(f(x))) == megamoe
              norm_position "post"; whole-projection QK-norm; no biases.
@@ -43,6 +43,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megamoe.config import ModelConfig, MoEConfig
+from megamoe.hf.layouts_deepseek import (deepseek_v3_from_hf, deepseek_v3_to_hf, glm4_moe_from_hf,
+                                         glm4_moe_to_hf)
+from megamoe.hf.layouts_deepseek import need as _need
+from megamoe.hf.layouts_deepseek import shared_hidden as _shared_hidden
 from megamoe.model.transformer import is_moe_layer
 
 
@@ -56,6 +60,7 @@ class Layout:
     router_bias: bool = False           # DeepSeek-V3 e_score_correction_bias
     norm_position: str = "pre"
     qk_norm: bool = False
+    attention: str = "gqa"              # megamoe ModelConfig.attention of the type
     # Alternative block names met on disk / in memory, renamed to `moe_block` when reading.
     block_aliases: tuple[str, ...] = ()
 
@@ -81,15 +86,14 @@ LAYOUTS = {
                         shared_experts="shared_expert"),
     "glm4_moe": Layout("glm4_moe", "Glm4MoeForCausalLM", moe_block="mlp",
                        shared_experts="shared_experts", router_bias=True),
+    "deepseek_v3": Layout("deepseek_v3", "DeepseekV3ForCausalLM", moe_block="mlp",
+                          shared_experts="shared_experts", router_bias=True, attention="mla"),
 }
 
 # Refused types, with the reason (checked before anything else).
 UNSUPPORTED = {
-    "deepseek_v3": "deepseek_v3 uses Multi-head Latent Attention (compressed, RMS-normalised KV latent "
-                   "and a rotary key shared by all heads), which megamoe's MHA/GQA attention cannot "
-                   "represent; DeepSeek-V3 routing on standard attention converts as model type glm4_moe",
-    "deepseek_v2": "deepseek_v2 uses Multi-head Latent Attention, which megamoe's MHA/GQA attention "
-                   "cannot represent",
+    "deepseek_v2": "deepseek_v2 is not supported: its softmax / group-limited routing is not verified "
+                   "against megamoe's routers (DeepSeek-V3-style models convert as deepseek_v3)",
 }
 
 
@@ -105,6 +109,8 @@ def get_layout(model_type: str) -> Layout:
 def infer_model_type(cfg: ModelConfig) -> str:
     """The HF model type that fits a megamoe config best (the converter still validates it)."""
     moe = cfg.moe
+    if cfg.attention == "mla":
+        return "deepseek_v3"
     if moe is None:
         return "olmo2" if cfg.norm_position == "post" or cfg.qk_norm else "llama"
     if moe.router_mode == "sigmoid_bias":
@@ -179,11 +185,6 @@ def fused_expert_keys(layout: Layout, layer: int | str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- config helpers
 
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.d_model // cfg.num_heads
 
@@ -197,6 +198,10 @@ def _check_common_megamoe(cfg: ModelConfig, layout: Layout) -> None:
     _need(cfg.norm_position == layout.norm_position,
           f"{t} places norms {'after' if layout.norm_position == 'post' else 'before'} each sublayer "
           f"but this model has norm_position={cfg.norm_position!r}")
+    kind = "Multi-head Latent Attention (mla)" if layout.attention == "mla" else "standard (gqa) attention"
+    _need(cfg.attention == layout.attention,
+          f"{t} uses {kind} but this model has attention={cfg.attention!r}"
+          + ("; use deepseek_v3" if cfg.attention == "mla" else ""))
     _need(cfg.qk_norm == layout.qk_norm,
           f"{t} {'always has' if layout.qk_norm else 'has no'} whole-projection QK-norm but this model "
           f"has qk_norm={cfg.qk_norm}")
@@ -281,10 +286,6 @@ def _mixtral_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
             "router_jitter_noise": 0.0, "sliding_window": None}
 
 
-def _shared_hidden(moe: MoEConfig) -> int:
-    return moe.shared_expert_hidden or moe.num_shared_experts * moe.expert_hidden
-
-
 def _qwen2_moe_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
     moe = cfg.moe
     _need(not cfg.bias, "qwen2_moe has no o_proj / MLP biases; this model has bias=true")
@@ -301,32 +302,9 @@ def _qwen2_moe_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
             "sliding_window": None, "max_window_layers": cfg.num_layers}
 
 
-def _glm4_moe_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
-    moe = cfg.moe
-    _need(not cfg.bias, "glm4_moe has no o_proj / MLP biases; this model has bias=true")
-    _need(moe.moe_layer_freq == 1, "glm4_moe has dense layers only at the start (first_k_dense); "
-          f"this model has moe_layer_freq={moe.moe_layer_freq}")
-    _need(moe.num_shared_experts > 0 and not moe.shared_expert_gate,
-          "glm4_moe always has ungated shared experts; this model needs num_shared_experts > 0 and "
-          "shared_expert_gate=false")
-    shared = _shared_hidden(moe)
-    _need(shared % moe.expert_hidden == 0,
-          f"glm4_moe sizes shared experts as n_shared_experts * moe_intermediate_size; shared hidden "
-          f"{shared} is not a multiple of expert_hidden {moe.expert_hidden}")
-    common = _common_to_hf(cfg, layout)
-    rope = dict(common["rope_parameters"], partial_rotary_factor=1.0)  # GLM's default is 0.5
-    return {"intermediate_size": cfg.ffn_hidden, "moe_intermediate_size": moe.expert_hidden,
-            "n_routed_experts": moe.num_experts, "n_shared_experts": shared // moe.expert_hidden,
-            "num_experts_per_tok": moe.top_k, "routed_scaling_factor": moe.routed_scaling_factor,
-            "n_group": 1, "topk_group": 1, "first_k_dense_replace": moe.first_k_dense,
-            "norm_topk_prob": moe.norm_topk_prob, "use_qk_norm": False,
-            "attention_bias": cfg.qkv_bias, "rope_parameters": rope, "partial_rotary_factor": 1.0,
-            "num_mtp_layers": 0, "num_nextn_predict_layers": 0}
-
-
 _TO_HF: dict[str, Callable[[ModelConfig, Layout], dict]] = {
     "llama": _llama_to_hf, "olmo2": _olmo2_to_hf, "olmoe": _olmoe_to_hf, "mixtral": _mixtral_to_hf,
-    "qwen2_moe": _qwen2_moe_to_hf, "glm4_moe": _glm4_moe_to_hf,
+    "qwen2_moe": _qwen2_moe_to_hf, "glm4_moe": glm4_moe_to_hf, "deepseek_v3": deepseek_v3_to_hf,
 }
 
 
@@ -447,33 +425,19 @@ def _qwen2_moe_from_hf(hf: dict) -> ModelConfig:
                        qkv_bias=bool(hf.get("qkv_bias", True)), moe=moe)
 
 
-def _glm4_moe_from_hf(hf: dict) -> ModelConfig:
-    _need(not hf.get("use_qk_norm", False),
-          "glm4_moe: per-head QK-norm (use_qk_norm) is not supported (megamoe's QK-norm spans the "
-          "whole projection)")
-    n_group, topk_group = hf.get("n_group", 1) or 1, hf.get("topk_group", 1) or 1
-    # Group-limited selection keeps topk_group of n_group groups: only keeping all of them
-    # (n_group == topk_group, e.g. 1) leaves plain top-k, which is what megamoe does.
-    _need(n_group == topk_group,
-          f"glm4_moe: group-limited routing (n_group={n_group}, topk_group={topk_group}) is not "
-          "supported; only n_group == topk_group (e.g. 1)")
-    n_shared = hf.get("n_shared_experts", 1)
-    _need(n_shared > 0, "glm4_moe without shared experts (n_shared_experts 0) is not supported")
-    moe = MoEConfig(num_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
-                    expert_hidden=hf["moe_intermediate_size"], router_mode="sigmoid_bias",
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                    num_shared_experts=n_shared, first_k_dense=hf.get("first_k_dense_replace", 1),
-                    # DeepSeek-V3's aux-loss-free balancing (bias update speed 0.001) and its
-                    # small balance loss (1e-4); HF configs do not record these training settings.
-                    bias_update_rate=0.001, lb_loss_coef=0.0001, z_loss_coef=0.0)
-    return ModelConfig(**_common_from_hf(hf, "glm4_moe"), ffn_hidden=hf["intermediate_size"],
-                       qkv_bias=bool(hf.get("attention_bias", False)), moe=moe)
+def _deepseek_routed(t: str, fields: Callable[[dict], dict]) -> Callable[[dict], ModelConfig]:
+    """glm4_moe / deepseek_v3: common fields here, the rest from layouts_deepseek.py."""
+    def from_hf(hf: dict) -> ModelConfig:
+        own = fields(hf)  # type-specific refusals first, then the common fields (overridable)
+        return ModelConfig(**{**_common_from_hf(hf, t), **own})
+    return from_hf
 
 
 _FROM_HF: dict[str, Callable[[dict], ModelConfig]] = {
     "llama": _llama_from_hf, "olmo2": _olmo2_from_hf, "olmoe": _olmoe_from_hf,
-    "mixtral": _mixtral_from_hf, "qwen2_moe": _qwen2_moe_from_hf, "glm4_moe": _glm4_moe_from_hf,
+    "mixtral": _mixtral_from_hf, "qwen2_moe": _qwen2_moe_from_hf,
+    "glm4_moe": _deepseek_routed("glm4_moe", glm4_moe_from_hf),
+    "deepseek_v3": _deepseek_routed("deepseek_v3", deepseek_v3_from_hf),
 }
 
 

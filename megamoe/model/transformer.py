@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megamoe.config import ModelConfig
 from megamoe.model.attention import Attention, rope_cache
+from megamoe.model.mla import MLAttention
 from megamoe.model.mlp import SwiGLU
 from megamoe.model.norm import build_norm
 from megamoe.moe.layer import MoELayer
@@ -30,7 +31,7 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.post_norm = cfg.norm_position == "post"
         self.attn_norm = build_norm(cfg, cfg.d_model)
-        self.attn = Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = build_norm(cfg, cfg.d_model)
         if is_moe_layer(cfg, layer_idx):
             self.ffn = MoELayer(cfg.d_model, cfg.moe)
@@ -64,8 +65,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
-        cos, sin = rope_cache(cfg.seq_length, head_dim, cfg.rope_theta)
+        # MLA rotates only the qk_rope_head_dim part of each head.
+        rope_dim = (cfg.qk_rope_head_dim if cfg.attention == "mla"
+                    else cfg.head_dim or cfg.d_model // cfg.num_heads)
+        cos, sin = rope_cache(cfg.seq_length, rope_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -115,13 +118,26 @@ class Transformer(nn.Module):
         return int(total)
 
 
+def _attention_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of one attention layer: 2 per multiply-add of each projection,
+    plus scores (q.k) and values (p.v) over the causal half of the sequence."""
+    H, S, nh = cfg.d_model, cfg.seq_length, cfg.num_heads
+    if cfg.attention == "mla":
+        qk, dv, r = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        q_proj = H * cfg.q_lora_rank + cfg.q_lora_rank * nh * qk if cfg.q_lora_rank else H * nh * qk
+        kv_proj = H * (r + cfg.qk_rope_head_dim) + r * nh * (cfg.qk_nope_head_dim + dv)
+        proj = q_proj + kv_proj + nh * dv * H                                 # ... + o_proj
+        return 2 * proj + 2 * S * nh * (qk + dv) / 2                          # causal half
+    hd = cfg.head_dim or H // nh
+    q_dim, kv_dim = nh * hd, (cfg.num_kv_heads or nh) * hd
+    return 2 * H * (q_dim + 2 * kv_dim) + 2 * q_dim * H + 2 * 2 * S * q_dim / 2  # causal half
+
+
 def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token (fwd + bwd = 3 x forward), Megatron-style formula with the MoE
     FFN counted for the top-k experts actually used (+ shared experts + router)."""
     H, S, L, V = cfg.d_model, cfg.seq_length, cfg.num_layers, cfg.vocab_size
-    hd = cfg.head_dim or H // cfg.num_heads
-    q_dim, kv_dim = cfg.num_heads * hd, (cfg.num_kv_heads or cfg.num_heads) * hd
-    attn = 2 * H * (q_dim + 2 * kv_dim) + 2 * q_dim * H + 2 * 2 * S * q_dim / 2  # causal half
+    attn = _attention_flops(cfg)
     total = 0.0
     for i in range(L):
         if is_moe_layer(cfg, i):

@@ -131,6 +131,8 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
 def check_model_config(cfg, mesh: ParallelMesh, sequence_parallel: bool) -> None:
     """ValueErrors for combinations the sharding cannot express (beyond config.validate)."""
     m = cfg.model
+    if m.attention == "mla" and mesh.tp > 1:
+        raise ValueError("MLA attention is not tensor-parallel yet; use tp 1 (EP/DP/PP work)")
     if mesh.tp > 1 and m.qk_norm and m.norm != "rmsnorm":
         raise ValueError("model.qk_norm with parallel.tp > 1 needs model.norm rmsnorm")
     if m.moe is not None and m.moe.expert_hidden % mesh.etp:

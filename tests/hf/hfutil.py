@@ -27,6 +27,12 @@ MEGAMOE_CONFIGS = {
     "glm4_moe": lambda: ModelConfig(**_BASE, num_kv_heads=2, qkv_bias=True, moe=MoEConfig(
         num_experts=4, top_k=2, expert_hidden=16, router_mode="sigmoid_bias", norm_topk_prob=True,
         routed_scaling_factor=2.5, num_shared_experts=1, first_k_dense=1)),
+    # MLA with query LoRA, nope != v head dims, DeepSeek-V3 routing, tied embeddings.
+    "deepseek_v3": lambda: ModelConfig(
+        **_BASE, attention="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=6, tie_embeddings=True, moe=MoEConfig(
+            num_experts=4, top_k=2, expert_hidden=16, router_mode="sigmoid_bias", norm_topk_prob=True,
+            routed_scaling_factor=2.5, num_shared_experts=2, first_k_dense=1)),
 }
 
 _HF_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -61,6 +67,13 @@ def hf_config(model_type: str):
                                 first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                  "partial_rotary_factor": 1.0})
+    if model_type == "deepseek_v3":  # rope_interleave defaults to true: rows get de-interleaved
+        return tf.DeepseekV3Config(**c, intermediate_size=48, moe_intermediate_size=16,
+                                   num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
+                                   num_experts_per_tok=2,
+                                   n_group=1, topk_group=1, first_k_dense_replace=1,
+                                   routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
+                                   qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10)
     raise KeyError(model_type)
 
 

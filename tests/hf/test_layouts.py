@@ -77,7 +77,13 @@ def _hf(model_type, **extra):
 
 
 @pytest.mark.parametrize("hf, message", [
-    (_hf("deepseek_v3", kv_lora_rank=16, q_lora_rank=None), "Multi-head Latent Attention"),
+    (_hf("deepseek_v2", kv_lora_rank=16), "deepseek_v2 is not supported"),
+    (_hf("deepseek_v3"), "group-limited"),        # absent: transformers' default 8 / 4 groups
+    (_hf("deepseek_v3", n_group=1, topk_group=1, rope_scaling={
+        "type": "yarn", "factor": 40, "mscale_all_dim": 1.0}), "RoPE scaling"),
+    (_hf("deepseek_v3", n_group=1, topk_group=1, attention_bias=True), "attention_bias"),
+    (_hf("deepseek_v3", n_group=1, topk_group=1, num_key_value_heads=2), "num_key_value_heads"),
+    (_hf("deepseek_v3", n_group=1, topk_group=1, q_lora_rank=0), "q_lora_rank 0"),
     (_hf("mixtral", sliding_window=8), "sliding-window"),
     (_hf("qwen2_moe", use_sliding_window=True), "sliding-window"),
     (_hf("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "RoPE scaling"),
@@ -125,7 +131,12 @@ def _moe(**kw):
     (ModelConfig(norm="layernorm", moe=None), "llama", "RMSNorm"),
     (ModelConfig(qkv_bias=True, moe=None), "llama", "o_proj"),
     (ModelConfig(moe=None), "olmo2", "norm"),
-    (ModelConfig(moe=None), "deepseek_v3", "Multi-head Latent Attention"),
+    (ModelConfig(moe=_moe(router_mode="sigmoid_bias", num_shared_experts=1)), "deepseek_v3",
+     "Multi-head Latent Attention"),
+    (ModelConfig(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                 moe=_moe(router_mode="sigmoid_bias", num_shared_experts=1)), "glm4_moe", "use deepseek_v3"),
+    (ModelConfig(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                 moe=_moe(num_shared_experts=1)), "deepseek_v3", "sigmoid"),
 ])
 def test_unsupported_megamoe_configs_are_refused(cfg, model_type, message):
     with pytest.raises(ValueError, match=message):
@@ -148,10 +159,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     d = tmp_path / "ds"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "kv_lora_rank": 512}))
+    (d / "config.json").write_text(json.dumps({"model_type": "deepseek_v2", "kv_lora_rank": 512}))
     assert cli_main(["convert", "from-hf", str(d), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "Multi-head Latent Attention" in err and "\n" not in err
+    assert "deepseek_v2 is not supported" in err and "\n" not in err
     assert not os.path.exists(tmp_path / "out")
 
 
