@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megamoe.parallel import collectives as C
+from megamoe.parallel.launch import guarded
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.params import get_spec
 from megamoe.training.optim import param_groups
@@ -48,7 +49,8 @@ def counts_in_norm(p: torch.Tensor, mesh: ParallelMesh) -> bool:
 def _global_norm(local_sq: torch.Tensor) -> torch.Tensor:
     """sqrt of the sum over all ranks (all pipeline stages included) of local squared norms."""
     if dist.get_world_size() > 1:
-        dist.all_reduce(local_sq)
+        with guarded():
+            dist.all_reduce(local_sq)
     return local_sq.sqrt()
 
 
@@ -79,10 +81,11 @@ class GradReducer:
             work = None
             if self.mesh.size(name) > 1:
                 work = dist.all_reduce(flat, group=self.mesh.group(name), async_op=True)
-            pending.append((work, flat, params, grads))
-        for work, flat, params, grads in pending:
+            pending.append((name, work, flat, params, grads))
+        for name, work, flat, params, grads in pending:
             if work is not None:
-                work.wait()
+                with guarded(self.mesh.group(name)):
+                    work.wait()
             flat.div_(self.mesh.dp)
             for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
                 if p.grad is None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel.launch import guarded
+
 
 # ------------------------------------------------------------------------------------ partition
 
@@ -224,8 +226,9 @@ class PipelineExecutor:
                 x = inputs.pop(key)
                 if stage > 0:
                     pending.append(self._send(x.grad, stage - 1, self._tag("B", op.micro, stage - 1)))
-        for work in pending:
-            work.wait()
+        with guarded(self.group):
+            for work in pending:
+                work.wait()
         return [losses[m] for m in sorted(losses)]
 
     @torch.no_grad()
@@ -242,8 +245,9 @@ class PipelineExecutor:
                     losses.append(loss_fn(out, micro_labels[m]))
                 else:
                     pending.append(self._send(out, stage + 1, self._tag("F", m, stage + 1)))
-        for work in pending:
-            work.wait()
+        with guarded(self.group):
+            for work in pending:
+                work.wait()
         return losses
 
     def _peer(self, stage: int) -> int:
@@ -254,5 +258,6 @@ class PipelineExecutor:
 
     def _recv(self, stage: int, tag: int, device):
         buf = torch.empty(self.act_shape, dtype=self.dtype, device=device)
-        dist.irecv(buf, self._peer(stage), group=self.group, tag=tag).wait()
+        with guarded(self.group):   # a stage that never sends: the error names the pipeline group
+            dist.irecv(buf, self._peer(stage), group=self.group, tag=tag).wait()
         return buf
