@@ -1,13 +1,16 @@
 """Parallelism applied from outside the plain model (see ../../shared/DESIGN.md, "Parallel layout").
 
-mesh.py         rank grid -> named process groups (tp, dp, pp, dp_tp, ep, etp, edp)
+mesh.py         rank grid -> named process groups (tp, dp, pp, dp_tp, ep, etp, edp, embed)
 collectives.py  differentiable collectives with an explicit group
 tensor.py       column / row parallel linears, vocab-parallel embedding and cross-entropy
 expert.py       all-to-all MoE dispatcher, expert-weight sharding
 params.py       per-parameter spec: gradient reduction group, global shape + slice
 parallelize.py  apply_tp, apply_ep (fixed order), parallelize_model
+pipeline.py     apply_pp (stage partition), 1F1B / interleaved schedules, p2p executor
+pipeline_runner.py  what the trainer runs instead of its micro-batch loop when pp > 1
 data.py         gradient reduction, global grad norm, ZeRO-1 optimizer
 launch.py       torchrun / Slurm environment, init_process_group
-context.py      ParallelContext (the trainer's `ctx`), sharded checkpoints
+context.py      ParallelContext (the trainer's `ctx`)
+dist_checkpoint.py  sharded checkpoints: save, load into any layout (resharding), consolidate
 setup.py        setup_parallel_training(cfg) -> (ctx, model, optimizer, device)
 """

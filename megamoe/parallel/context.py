@@ -68,7 +68,7 @@ class ParallelContext:
     def layout(self) -> dict:
         lay = self.mesh.layout
         return {"world_size": lay.world_size, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
-                "etp": lay.etp, "virtual_pp": len(self.pipeline.executor.chunks) if self.pipeline else 1,
+                "etp": lay.etp, "virtual_pp": self.pipeline.executor.vpp if self.pipeline else 1,
                 "zero1": self.zero1, "sequence_parallel": self.sequence_parallel}
 
     def save_checkpoint(self, trainer) -> str:

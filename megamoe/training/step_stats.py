@@ -18,13 +18,15 @@ from megamoe.model.transformer import is_moe_layer
 CE, AUX, LB, Z, DROPPED, EVENTS = range(6)
 
 
-def moe_layer_positions(model: torch.nn.Module) -> dict[int, int]:
-    """id(MoELayer) -> its position among the MoE layers of the full model (global layer order),
-    for a whole model or for a pipeline stage's trimmed copy."""
+def moe_layer_positions(model: torch.nn.Module) -> tuple[dict[int, int], int]:
+    """({id(MoELayer): its position among the MoE layers of the full model, in global layer
+    order}, number of MoE layers of the full model), for a whole model or for a pipeline
+    stage's trimmed copy (which holds only some of them)."""
     cfg = model.cfg
     global_moe_ids = [i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
-    return {id(block.ffn): global_moe_ids.index(int(key))
-            for key, block in model.layers.items() if int(key) in global_moe_ids}
+    positions = {id(block.ffn): global_moe_ids.index(int(key))
+                 for key, block in model.layers.items() if int(key) in global_moe_ids}
+    return positions, len(global_moe_ids)
 
 
 class StepStats:

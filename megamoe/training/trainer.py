@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from megamoe.config import TrainConfig, to_dict
 from megamoe.data.sampler import rank_micro_batches
-from megamoe.model.transformer import flops_per_token, is_moe_layer
+from megamoe.model.transformer import flops_per_token
 from megamoe.ops import optional
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.logging_backends import build_sinks
@@ -63,8 +63,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model)
         self.loss_fn = ctx.loss_fn if ctx is not None and ctx.loss_fn is not None else cross_entropy
         self.pipeline = ctx.pipeline if ctx is not None else None   # PipelineRunner under pp > 1
-        self.moe_positions = moe_layer_positions(model) if hasattr(model, "layers") else {}
-        self.num_moe_layers = sum(is_moe_layer(cfg.model, i) for i in range(cfg.model.num_layers))
+        self.moe_positions, self.num_moe_layers = moe_layer_positions(model)
         self.peak_flops = device_peak_flops(self.device)
 
     # ---------------------------------------------------------------------------------- pieces
