@@ -6,8 +6,9 @@ Two extension modules, one concept each:
                           + csrc/permute/*.cu  are compiled in only when a CUDA toolkit and a CUDA
                                                build of torch are both present.
 Every extension is optional: if a build fails the package still installs and runs through its
-pure PyTorch / NumPy fallbacks (``megamoe.ops.backend()`` says which is active). Set
-MEGAMOE_REQUIRE_EXT=1 to turn a failed build into an error instead.
+pure PyTorch / NumPy fallbacks (``megamoe.ops.backend()`` says which is active, and every
+training run logs it at start). On GPU machines install with MEGAMOE_REQUIRE_EXT=1, which turns
+a failed build into an error instead of a silent fallback to the slower torch path.
 Install with ``pip install --no-build-isolation -e .`` so the build sees the torch you have.
 """
 
@@ -31,7 +32,9 @@ def _extensions():
     except ImportError:  # no torch at build time: pure-Python install
         print("megamoe: torch not importable at build time; skipping C++ extensions", file=sys.stderr)
         return [], {}
-    extra_cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for
+    # torch 2.13); forcing an older one breaks the build against newer torch.
+    extra_cxx = ["-O3"]
     exts = []
     data_src = _sources("csrc/data/*.cpp")
     if data_src:
@@ -80,7 +83,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "tokenizers"],
     extras_require={
-        "test": ["pytest", "safetensors", "transformers", "matplotlib"],
+        # tensorboard: the TensorBoard sink's tests run instead of skipping (W&B stays optional)
+        "test": ["pytest", "safetensors", "transformers", "matplotlib", "tensorboard"],
         "hf": ["safetensors", "transformers"],
         "plots": ["matplotlib"],
     },

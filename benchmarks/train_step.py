@@ -59,7 +59,9 @@ from megamoe.hf.layouts import config_to_hf, expert_keys, fused_expert_keys, get
 from megamoe.model.transformer import build_model, flops_per_token  # noqa: E402
 from megamoe.training.metrics import device_peak_flops  # noqa: E402
 from megamoe.training.optim import param_groups  # noqa: E402
-from megamoe.training.trainer import Trainer, cross_entropy  # noqa: E402
+from megamoe.training.build import build_training  # noqa: E402
+from megamoe.training.context import cross_entropy  # noqa: E402
+from megamoe.training.trainer import Trainer  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -132,7 +134,7 @@ class MegamoeVariant:
     def setup(self):
         model = build_model(self.cfg.model)
         model.load_state_dict(self.state)
-        self.trainer = Trainer(self.cfg, model, self.dataset, device=self.device)
+        self.trainer = Trainer(build_training(self.cfg, model, device=self.device, verbose=False), self.dataset)
 
     def step(self, i: int):
         self.trainer.step = i

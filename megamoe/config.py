@@ -33,7 +33,9 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_expert_hidden: int = 0     # 0 -> num_shared_experts * expert_hidden
     shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared output
-    gemm_backend: str = "auto"        # auto | grouped_mm | loop | grouped_gemm (megablocks, optional)
+    # auto (grouped_mm where torch has its fast kernel: bf16 on sm90/sm100; else loop) |
+    # grouped_mm | loop | grouped_gemm (megablocks' package, only when configured)
+    gemm_backend: str = "auto"
     moe_layer_freq: int = 1           # every n-th layer is MoE (1 = all)
     first_k_dense: int = 0            # the first k layers use a dense MLP
 
@@ -58,7 +60,8 @@ class ModelConfig:
     seq_length: int = 128
     norm: str = "rmsnorm"             # rmsnorm | layernorm
     norm_eps: float = 1e-5
-    norm_impl: str = "auto"           # auto (apex FusedRMSNorm if installed) | torch | apex
+    norm_affine: bool = True          # False: no learnable norm weights (OLMo-1B's non-parametric LN)
+    norm_impl: str = "auto"           # auto = torch (megamoe's RMSNorm) | apex (FusedRMSNorm, if configured)
     qk_norm: bool = False             # OLMoE: RMSNorm over the whole q and k projections
     # pre: x + f(norm(x)) (Llama, OLMoE); post: x + norm(f(x)), OLMo2's "reordered norm"
     norm_position: str = "pre"
@@ -97,7 +100,7 @@ class OptimConfig:
     schedule: str = "cosine"          # cosine | linear | wsd | constant
     warmup_steps: int = 20
     decay_steps: int = 0              # wsd: length of the final decay (0 -> 20% of training)
-    impl: str = "auto"                # auto (torch fused AdamW on GPU) | torch | apex (FusedAdam)
+    impl: str = "auto"                # auto = torch (AdamW, fused on GPU) | apex (FusedAdam, if configured)
 
 
 @dataclass
@@ -122,7 +125,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 8        # sequences per optimizer step (grad accumulation fills it)
     seed: int = 1234
-    dtype: str = "auto"               # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16; fp64 for tests only.
+    # The policy (what runs in which dtype) is in megamoe/precision.py.
+    dtype: str = "auto"
     activation_checkpointing: bool = False
     fp8: bool = False                 # Transformer Engine FP8 linears (needs transformer_engine)
     eval_interval: int = 50
@@ -147,6 +152,10 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- presets
+# The published architectures (config.json on the Hugging Face Hub / the papers); their sizes
+# are tested against the published totals in tests/test_config.py. What differs on purpose
+# is said next to each preset and in the README ("Presets"). Batch sizes, learning rates and
+# warmups are training choices (the papers' where published).
 
 def _tiny() -> TrainConfig:
     return TrainConfig(
@@ -158,6 +167,8 @@ def _tiny() -> TrainConfig:
 
 
 def _olmoe_1b_7b() -> TrainConfig:
+    # allenai/OLMoE-1B-7B-0924: 6.92B parameters, 1.28B active. ffn_hidden is unused (every
+    # layer is MoE).
     return TrainConfig(
         model=ModelConfig(vocab_size=50304, d_model=2048, num_layers=16, num_heads=16,
                           ffn_hidden=8192, seq_length=4096, qk_norm=True,
@@ -169,6 +180,8 @@ def _olmoe_1b_7b() -> TrainConfig:
 
 
 def _mixtral_8x7b() -> TrainConfig:
+    # mistralai/Mixtral-8x7B-v0.1: 46.7B parameters, 12.9B active. On purpose: seq_length 4096
+    # (the model's context is 32768; set model.seq_length for long-context training).
     return TrainConfig(
         model=ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                           num_kv_heads=8, ffn_hidden=14336, seq_length=4096, rope_theta=1e6,
@@ -180,9 +193,11 @@ def _mixtral_8x7b() -> TrainConfig:
 
 
 def _deepseek_moe_16b() -> TrainConfig:
+    # deepseek-ai/deepseek-moe-16b-base: 16.4B parameters, 2.8B active. On purpose: the
+    # load-balancing loss is taken over each micro-batch, not per sequence (DeepSeek's seq_aux).
     return TrainConfig(
         model=ModelConfig(vocab_size=102400, d_model=2048, num_layers=28, num_heads=16,
-                          ffn_hidden=10944, seq_length=4096,
+                          ffn_hidden=10944, seq_length=4096, norm_eps=1e-6,
                           moe=MoEConfig(num_experts=64, top_k=6, expert_hidden=1408,
                                         router_mode="softmax_topk", num_shared_experts=2,
                                         first_k_dense=1, lb_loss_coef=0.001, z_loss_coef=0.0)),
@@ -191,11 +206,14 @@ def _deepseek_moe_16b() -> TrainConfig:
 
 
 def _olmo_1b() -> TrainConfig:
+    # allenai/OLMo-1B: 1.18B parameters; tied embeddings, LayerNorm without learnable weights
+    # ("non-parametric"), 2048-token sequences, ~4M tokens per batch (2048 x 2048).
     return TrainConfig(
         model=ModelConfig(vocab_size=50304, d_model=2048, num_layers=16, num_heads=16,
-                          ffn_hidden=8192, seq_length=4096, moe=None),
+                          ffn_hidden=8192, seq_length=2048, norm="layernorm", norm_affine=False,
+                          tie_embeddings=True, moe=None),
         optim=OptimConfig(lr=4e-4, warmup_steps=2000), micro_batch_size=1,
-        global_batch_size=1024, out_dir="runs/olmo-1b")
+        global_batch_size=2048, out_dir="runs/olmo-1b")
 
 
 PRESETS = {"tiny": _tiny, "olmoe-1b-7b": _olmoe_1b_7b, "mixtral-8x7b": _mixtral_8x7b,
@@ -373,6 +391,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
                f"model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads}) "
                "or set model.head_dim")
     _check(m.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {m.norm!r}")
+    _check(m.norm_affine or (not m.qk_norm and m.norm_impl != "apex"),
+           "model.norm_affine false does not combine with model.qk_norm or model.norm_impl apex")
     _check(m.norm_position in ("pre", "post"),
            f"model.norm_position must be pre or post, got {m.norm_position!r}")
     if m.moe is not None:
@@ -411,7 +431,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     _check(cfg.steps >= 1, f"steps must be >= 1 (got {cfg.steps})")
     _check(cfg.micro_batch_size >= 1, "micro_batch_size must be >= 1")
-    _check(cfg.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    _check(cfg.dtype in ("auto", "fp32", "bf16", "fp64"),
+           f"dtype must be auto, fp32 or bf16 (fp64 for tests), got {cfg.dtype!r}")
     _check(cfg.watchdog_s >= 0, f"watchdog_s must be >= 0 (0 = off), got {cfg.watchdog_s}")
     _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0 seconds, got {p.timeout_s}")
     if cfg.data.weights:

@@ -4,23 +4,31 @@ import torch
 import torch.nn as nn
 
 from megamoe.config import ModelConfig
-from megamoe.ops import optional
+from megamoe.precision import upcast
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """RMSNorm with a learnable per-channel scale, or none (`affine=False`: a parameter-free
+    norm, as OLMo-1B's non-parametric layer norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = upcast(x)   # statistics in fp32 (fp64 for fp64 data)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        if self.weight is not None:
+            normed = normed * self.weight.to(x32.dtype)
+        return normed.to(x.dtype)
 
 
 def build_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """megamoe's RMSNorm or torch's LayerNorm, with learnable weights unless cfg.norm_affine is
+    off; other implementations (model.norm_impl apex) are swapped in by the build pipeline
+    (megamoe.training.build.apply_precision)."""
     if cfg.norm == "rmsnorm":
-        fused = optional.rmsnorm_class(cfg.norm_impl)  # apex FusedRMSNorm when asked / available
-        return fused(dim, eps=cfg.norm_eps) if fused is not None else RMSNorm(dim, cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(dim, cfg.norm_eps, affine=cfg.norm_affine)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine,
+                        bias=cfg.bias and cfg.norm_affine)

@@ -5,6 +5,8 @@ or sharding these modules; nothing here knows about process groups.
 Legend: B batch, S sequence, H d_model, V vocabulary.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -37,12 +39,13 @@ class Block(nn.Module):
             self.ffn = MoELayer(cfg.d_model, cfg.moe)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.bias)
-        # Recompute this block's activations in backward instead of storing them.
-        self.activation_checkpointing = False
+        # Recompute this block's activations in backward instead of storing them: a
+        # checkpoint(fn, *args) function (torch's, or Transformer Engine's under FP8), or None.
+        self.checkpoint_fn = None
 
     def forward(self, x, cos, sin):
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
+            return self.checkpoint_fn(self._forward, x, cos, sin)
         return self._forward(x, cos, sin)
 
     def _forward(self, x, cos, sin):
@@ -99,9 +102,12 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
+    def set_activation_checkpointing(self, enabled: bool, checkpoint_fn=None) -> None:
+        """Recompute every block in backward; checkpoint_fn defaults to torch's non-reentrant
+        checkpoint (which replays the forward's autocast state)."""
+        fn = (checkpoint_fn or functools.partial(checkpoint, use_reentrant=False)) if enabled else None
         for layer in self.layers.values():
-            layer.activation_checkpointing = enabled
+            layer.checkpoint_fn = fn
 
     def set_aux_loss_scale(self, scale: float) -> None:
         for m in self.moe_layers():

@@ -8,7 +8,8 @@ Rows of x are already grouped expert-major; `counts[E]` says how many rows each 
 Backends of `grouped_gemm(x, w, counts)` (all give the same numbers):
   grouped_mm  torch._grouped_mm with cumulative int32 offsets, no host sync
   loop        one matmul per expert (needs the counts on the host)
-  grouped_gemm  megablocks' grouped_gemm package, if installed (CUDA; counts on the host)
+  grouped_gemm  megablocks' grouped_gemm package, only when configured (CUDA; counts on the host)
+  auto        grouped_mm where torch has its fast kernel (bf16 on sm90/sm100), else loop
 """
 
 import torch
@@ -34,21 +35,46 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm needs fp32/bf16/fp16 operands with 16-byte aligned row strides."""
+    """torch._grouped_mm can run these operands at all: fp32/bf16/fp16 with 16-byte aligned rows."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0) \
-            and x.dtype != torch.bfloat16:
         return False
     elem = x.element_size()
     return (x.shape[-1] * elem) % 16 == 0 and (w.shape[-1] * elem) % 16 == 0
 
 
+def grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm has its fast (CUTLASS) kernel here: bf16 on sm90 / sm100.
+    Elsewhere (fp32/fp16, other GPUs, CPU) torch runs a fallback that copies the offsets to
+    the host and loops over the groups, which is the `loop` backend with extra overhead."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The grouped GEMM backend a run uses for `backend` (config value) with compute `dtype`:
+    auto -> grouped_mm where torch has the fast kernel, else loop. A configured backend that
+    cannot run here is a one-line ValueError."""
+    if backend == "auto":
+        return "grouped_mm" if grouped_mm_fast(device, dtype) else "loop"
+    if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError(f"model.moe.gemm_backend grouped_mm needs torch._grouped_mm (torch >= 2.8); "
+                         f"this torch {torch.__version__} has none: use auto or loop")
+    if backend == "grouped_gemm":
+        optional.require("grouped_gemm", "model.moe.gemm_backend=grouped_gemm")
+    if backend not in ("grouped_mm", "loop", "grouped_gemm"):
+        raise ValueError(f"unknown grouped GEMM backend {backend!r}; use auto, grouped_mm, loop or grouped_gemm")
+    return backend
+
+
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto"):
     """y[N, out] where rows of expert e are x[rows_e] @ w[e]; x[N, in], w[E, in, out]."""
     if backend == "auto":
-        backend = "grouped_mm" if grouped_mm_supported(x, w) else "loop"
+        backend = "grouped_mm" if grouped_mm_fast(x.device, x.dtype) and grouped_mm_supported(x, w) else "loop"
     if backend == "grouped_mm":
+        if not grouped_mm_supported(x, w):
+            raise ValueError(f"model.moe.gemm_backend grouped_mm needs fp32/bf16/fp16 rows of a multiple "
+                             f"of 16 bytes (got {x.dtype}, in {x.shape[-1]}, out {w.shape[-1]}); use loop")
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # on device: no host sync
         return _ContiguousGrad.apply(torch._grouped_mm(x, w.to(x.dtype), offs=offsets))
     if backend == "grouped_gemm":

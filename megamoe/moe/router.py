@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.config import MoEConfig
+from megamoe.precision import full_precision, upcast
 
 
 @dataclass
@@ -42,7 +43,14 @@ class Router(nn.Module):
         self.stats_reduce = None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        logits = F.linear(x.float(), self.weight.float())  # router math in fp32 for stability
+        # Router math in fp32 (fp64 in the fp64 test mode) whatever the autocast state: under
+        # bf16 autocast F.linear would return bf16 logits, and near-ties would select other
+        # experts than the fp32 model does.
+        with full_precision(x.device.type):
+            return self._route(upcast(x))
+
+    def _route(self, x: torch.Tensor) -> RouterOutput:
+        logits = F.linear(x, self.weight.to(x.dtype))                    # [T, E]
         mode, k = self.cfg.router_mode, self.top_k
         if mode == "softmax_topk":
             probs = logits.softmax(dim=-1)
@@ -55,7 +63,7 @@ class Router(nn.Module):
             topk_weight = top_logits.softmax(dim=-1)
         else:  # sigmoid_bias
             scores = logits.sigmoid()
-            _, topk_idx = (scores + self.expert_bias.float()).topk(k, dim=-1)
+            _, topk_idx = (scores + self.expert_bias.to(scores.dtype)).topk(k, dim=-1)
             topk_weight = scores.gather(-1, topk_idx)
             if self.cfg.norm_topk_prob:
                 topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
@@ -75,7 +83,7 @@ class Router(nn.Module):
         """
         num_tokens = probs.new_full((), float(probs.shape[0]))   # a fill kernel, not a host copy
         prob_sum = probs.sum(0)                                   # [E]
-        stats = self._reduce(torch.cat([counts.float(), num_tokens[None]]).detach())
+        stats = self._reduce(torch.cat([counts.to(probs.dtype), num_tokens[None]]).detach())
         counts_g, tokens_g = stats[:-1], stats[-1]
         # P_e is differentiable; only its local part carries a gradient (the rest is a constant).
         prob_sum_g = prob_sum + (self._reduce(prob_sum.detach()) - prob_sum.detach())

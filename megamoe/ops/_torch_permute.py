@@ -10,9 +10,7 @@ Sums and scalings run in the accumulation dtype (fp32, or fp64 for fp64 data) li
 
 import torch
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from megamoe.precision import accum_dtype as acc_dtype
 
 
 def sort_by_expert(topk_idx: torch.Tensor, num_experts: int):

@@ -10,7 +10,8 @@ pipeline.py     apply_pp (stage partition), 1F1B / interleaved schedules, p2p ex
 pipeline_runner.py  what the trainer runs instead of its micro-batch loop when pp > 1
 data.py         gradient reduction, global grad norm, ZeRO-1 optimizer
 launch.py       torchrun / Slurm environment, init_process_group
-context.py      ParallelContext (the trainer's `ctx`)
+context.py      ParallelContext (the trainer's `ctx`; LocalContext is its one-process twin)
 dist_checkpoint.py  sharded checkpoints: save, load into any layout (resharding), consolidate
-setup.py        setup_parallel_training(cfg) -> (ctx, model, optimizer, device)
+setup.py        the parallel steps of megamoe.training.build.build_training: mesh, PP/TP/EP,
+                pipeline runner, data parallel (gradient reduction or ZeRO-1)
 """

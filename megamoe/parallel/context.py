@@ -3,7 +3,11 @@
 Protocol used by the trainer:
   rank, world_size, dp_rank, dp_size, is_main      dp = the attention-view data-parallel group
                                                    (TP ranks of one DP group read the same data)
-  loss_fn                                          vocab-parallel CE under TP, else None
+  loss_fn                                          (logits, labels) -> mean CE: vocab-parallel
+                                                   under TP, else the plain one
+  schedule                                         forward_backward(trainer, batches, stats) and
+                                                   evaluate(trainer, batches): the PipelineRunner
+                                                   under pp > 1, else the plain micro-batch loop
   pipeline                                         PipelineRunner under pp > 1, else None
   no_sync(model, last)                             context for one micro-batch's backward
   reduce_grads(model)                              after the last micro-batch
@@ -14,6 +18,8 @@ Protocol used by the trainer:
                                                    DP ranks and, since the MoE blocks split
                                                    tokens over TP, TP ranks too
   save_checkpoint(trainer) -> path, load_checkpoint(trainer, ckpt_dir), shutdown()
+The single-process twin is megamoe.training.context.LocalContext; both are built by
+megamoe.training.build.build_training.
 
 Checkpoints are sharded and layout-independent (megamoe.parallel.dist_checkpoint):
   step_XXXXXXXX/model_rank{r}.pt, optim_rank{r}.pt, metadata.json, trainer.pt, config.yaml
@@ -35,10 +41,10 @@ from megamoe.parallel.mesh import ParallelMesh
 
 
 class ParallelContext:
-    def __init__(self, mesh: ParallelMesh, grads, loss_fn=None, zero1: bool = False,
+    def __init__(self, mesh: ParallelMesh, grads, loss_fn, schedule, zero1: bool = False,
                  sequence_parallel: bool = False, pipeline=None):
-        self.mesh, self.grads, self.loss_fn = mesh, grads, loss_fn
-        self.pipeline = pipeline   # PipelineRunner when pp > 1 (the trainer hands it the micro-batches)
+        self.mesh, self.grads, self.loss_fn, self.schedule = mesh, grads, loss_fn, schedule
+        self.pipeline = pipeline   # PipelineRunner when pp > 1 (then also the schedule)
         self.zero1, self.sequence_parallel = zero1, sequence_parallel
         self.rank, self.world_size = mesh.rank, mesh.world_size
         self.dp_rank, self.dp_size = mesh.rank_in("dp"), mesh.dp
@@ -72,8 +78,7 @@ class ParallelContext:
                 "zero1": self.zero1, "sequence_parallel": self.sequence_parallel}
 
     def save_checkpoint(self, trainer) -> str:
-        state = {"step": trainer.step, "consumed_samples": trainer.step * trainer.cfg.global_batch_size,
-                 "bad_steps": trainer.bad_steps}
+        state = trainer.trainer_state()
         return dist_checkpoint.save(trainer.cfg.out_dir, trainer.step, trainer.model, trainer.optimizer,
                                     self.mesh, state, to_dict(trainer.cfg), self.layout())
 

@@ -29,6 +29,7 @@ from megamoe.parallel import collectives as C
 from megamoe.parallel.launch import guarded
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.params import get_spec
+from megamoe.precision import accum_dtype, upcast
 from megamoe.training.optim import param_groups
 
 DEFAULT_BUCKET_NUMEL = 2 ** 24   # 64 MiB of fp32 per all-reduce
@@ -96,10 +97,10 @@ class GradReducer:
     def grad_norm(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
         device = params[0].device if params else torch.device("cpu")
-        sq = torch.zeros((), dtype=torch.float32, device=device)
+        sq = torch.zeros((), dtype=accum_dtype(params[0].dtype) if params else torch.float32, device=device)
         for p in params:
             if counts_in_norm(p, self.mesh):
-                sq += p.grad.float().pow(2).sum()
+                sq += upcast(p.grad).pow(2).sum()
         return _global_norm(sq)
 
 
@@ -129,7 +130,7 @@ class _Bucket:
                 self.offsets.append(offset)
                 offset += p.numel()
         # fp32 master copy of this rank's slice (the optimizer steps this, not the model params)
-        self.master = torch.nn.Parameter(self.param_buf[self.lo:self.hi].detach().clone().float())
+        self.master = torch.nn.Parameter(upcast(self.param_buf[self.lo:self.hi].detach()).clone())
         # Params whose gradient is a per-TP-rank partial sum: summed over TP before the reduce-scatter.
         self.tp_partial = [i for i, p in enumerate(self.params)
                            if get_spec(p).reduce_group == "dp_tp" and mesh.tp > 1]
@@ -140,7 +141,7 @@ class _Bucket:
                      or (tp_copies_masked and get_spec(p).replica_group == "dp_tp")]
         self.norm_mask = None
         if uncounted:
-            mask = torch.ones(padded, dtype=torch.float32, device=device)
+            mask = torch.ones(padded, dtype=accum_dtype(dtype), device=device)
             for p, o in uncounted:
                 mask[o:o + p.numel()] = 0.0
             self.norm_mask = mask[self.lo:self.hi].clone()
@@ -223,16 +224,17 @@ class ZeroOptimizer:
 
     def grad_norm(self) -> torch.Tensor:
         device = self.buckets[0].grad_buf.device if self.buckets else torch.device("cpu")
-        sq = torch.zeros((), dtype=torch.float32, device=device)
+        dtype = self.buckets[0].master.dtype if self.buckets else torch.float32
+        sq = torch.zeros((), dtype=dtype, device=device)
         for b in self.buckets:
-            g = b.grad_buf[b.lo:b.hi].float()
+            g = upcast(b.grad_buf[b.lo:b.hi])
             sq += (g * g).sum() if b.norm_mask is None else (g * g * b.norm_mask).sum()
         return _global_norm(sq)
 
     @torch.no_grad()
     def step(self) -> None:
         for b in self.buckets:
-            b.master.grad = b.grad_buf[b.lo:b.hi].float()
+            b.master.grad = upcast(b.grad_buf[b.lo:b.hi])
         self.inner.step()
         for b in self.buckets:
             self._publish(b)
@@ -271,7 +273,7 @@ class ZeroOptimizer:
             st = self.inner.state.get(b.master, {})
             if "exp_avg" not in st:
                 continue
-            with_master = b.param_buf.dtype != torch.float32
+            with_master = b.param_buf.dtype != b.master.dtype
             for name, p, o in zip(b.names, b.params, b.offsets):
                 lo, hi = max(b.lo, o), min(b.hi, o + p.numel())
                 if lo >= hi:
@@ -292,7 +294,7 @@ class ZeroOptimizer:
         None (no state saved). Call after the weights are loaded: masters not given are taken
         from the params. Collective over each bucket's group (the params are re-published)."""
         for b in self.buckets:
-            master = b.param_buf[b.lo:b.hi].float()
+            master = upcast(b.param_buf[b.lo:b.hi])
             moments = {k: torch.zeros_like(master) for k in ("exp_avg", "exp_avg_sq")}
             steps = []
             for name, p, o in zip(b.names, b.params, b.offsets):
@@ -307,7 +309,7 @@ class ZeroOptimizer:
                 for key, buf in moments.items():
                     buf[dst] = st[key].reshape(-1)[src].to(buf.dtype)
                 if st.get("master") is not None:
-                    master[dst] = st["master"].reshape(-1)[src].float()
+                    master[dst] = st["master"].reshape(-1)[src].to(master.dtype)
             b.master.copy_(master)
             if steps:
                 self.inner.state[b.master] = {"step": torch.tensor(max(steps)), **moments}

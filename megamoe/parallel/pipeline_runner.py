@@ -19,12 +19,14 @@ from megamoe.parallel.pipeline import PipelineExecutor, stage_chunks
 
 class PipelineRunner:
     def __init__(self, model: torch.nn.Module, mesh: ParallelMesh, chunk_layers: list[list[int]],
-                 micro_batch_size: int, seq_per_rank: int):
+                 micro_batch_size: int, seq_per_rank: int, dtype: torch.dtype = torch.float32):
+        # dtype: of the activations sent between stages (the residual stream: the parameters'
+        # dtype, fp32 also under bf16 autocast)
         self.model, self.mesh = model, mesh
         pp_rank = mesh.rank_in("pp")
         chunks = stage_chunks(model, chunk_layers, pp_rank, mesh.pp)
         self.executor = PipelineExecutor(chunks, pp_rank, mesh.pp, mesh.group("pp"), mesh.ranks("pp"),
-                                         (micro_batch_size, seq_per_rank, model.cfg.d_model))
+                                         (micro_batch_size, seq_per_rank, model.cfg.d_model), dtype)
         self.tied_weight = None
         if model.cfg.tie_embeddings and mesh.size("embed") > 1:
             # First stage: the embedding; last stage: the head's copy of it (see apply_pp).
@@ -56,7 +58,8 @@ class PipelineRunner:
         inputs, labels = [b[0] for b in batches], [b[1] for b in batches]
         losses = self.executor.forward_only(inputs, labels, trainer.loss_fn, len(batches), trainer.device,
                                             forward_context=trainer.autocast)
-        total = torch.stack(losses).sum() if losses else torch.zeros((), device=trainer.device)
+        total = (torch.stack(losses).sum().to(trainer.stats_dtype) if losses
+                 else torch.zeros((), dtype=trainer.stats_dtype, device=trainer.device))
         dist.all_reduce(total, group=self.mesh.group("pp"))
         return total / len(batches)
 

@@ -1,19 +1,24 @@
-"""setup_parallel_training(cfg) -> (ctx, model, optimizer, device): what `megamoe train` calls
-when WORLD_SIZE > 1 (megamoe/training/run.py).
+"""The parallel steps of the build pipeline (megamoe.training.build.build_training calls them in
+this order when the world has more than one rank):
 
-Order: start torch.distributed (launch.py) -> rank grid and groups (mesh.py) -> build the plain
-model identically on every rank -> apply_pp (keep this pipeline rank's layers, pipeline.py)
--> apply_tp, apply_ep (parallelize.py) -> move to the device -> PipelineRunner (pp > 1)
--> data parallel: GradReducer + torch AdamW, or ZeroOptimizer (data.py) -> ParallelContext.
+  build_mesh(cfg, world)                 start torch.distributed (launch.py), rank grid and named
+                                         groups (mesh.py), device; validate the layout
+  apply_model_parallel(model, mesh, cfg) apply_pp (keep this pipeline rank's layers) -> apply_tp
+                                         (+ SP) -> apply_ep; returns the stage layout and the
+                                         vocab-parallel loss (None without TP)
+  build_pipeline(...)                    PipelineRunner under pp > 1
+  build_data_parallel(model, mesh, ...)  GradReducer + torch AdamW, or the ZeRO-1 optimizer;
+                                         after the model is on its device and in its final form
+                                         (ZeRO-1 turns the parameters into views of flat buffers)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
 
-from megamoe.config import validate
-from megamoe.model.transformer import build_model
-from megamoe.parallel.context import ParallelContext
 from megamoe.parallel.data import GradReducer, ZeroOptimizer
 from megamoe.parallel.launch import device_for, init_distributed, resolve_backend
 from megamoe.parallel.mesh import ParallelMesh, make_layout
@@ -23,21 +28,17 @@ from megamoe.parallel.pipeline_runner import PipelineRunner
 from megamoe.training.optim import build_optimizer
 
 
-def build_data_parallel(model, mesh: ParallelMesh, optim_cfg, zero1: bool, bucket_numel: int | None = None):
-    """(optimizer, grads): grads has reduce_grads() and grad_norm(). Call after the model is on
-    its device (ZeRO-1 turns the parameters into views of flat buffers)."""
-    if zero1:
-        opt = ZeroOptimizer(model, optim_cfg, mesh)
-        return opt, opt
-    reducer = GradReducer(model, mesh) if bucket_numel is None else GradReducer(model, mesh, bucket_numel)
-    return build_optimizer(model, optim_cfg), reducer
+@dataclass
+class MeshSetup:
+    mesh: ParallelMesh
+    device: torch.device
+    sequence_parallel: bool
 
 
-def setup_parallel_training(cfg, verbose: bool = True):
+def build_mesh(cfg, verbose: bool = True) -> MeshSetup:
     pcfg = cfg.parallel
     env = init_distributed(pcfg)
     world, rank = dist.get_world_size(), dist.get_rank()
-    validate(cfg, world_size=world)
     if pcfg.virtual_pp > 1 and pcfg.pp == 1:
         raise ValueError("parallel.virtual_pp > 1 needs parallel.pp > 1")
     layout = make_layout(world, pcfg.tp, pcfg.pp, pcfg.dp, pcfg.ep, pcfg.etp)
@@ -47,19 +48,38 @@ def setup_parallel_training(cfg, verbose: bool = True):
     if verbose and rank == 0:
         print(f"megamoe: parallel layout (sequence_parallel={sp}, zero1={pcfg.zero1})\n"
               + mesh.describe(), flush=True)
-    device = device_for(env, resolve_backend(pcfg.backend))
-    model = build_model(cfg.model, seed=cfg.seed)   # identical on every rank, then sharded
-    chunk_layers = apply_pp(model, mesh.rank_in("pp"), mesh.pp, pcfg.virtual_pp, pcfg.pp_layout)
-    model, loss_fn = parallelize_model(model, mesh, sp)
-    model.to(device)
-    pipeline = None
-    if mesh.pp > 1:
-        seq_per_rank = cfg.model.seq_length // mesh.tp if sp else cfg.model.seq_length
-        pipeline = PipelineRunner(model, mesh, chunk_layers, cfg.micro_batch_size, seq_per_rank)
-        pipeline.check_num_micro(cfg.global_batch_size // (cfg.micro_batch_size * mesh.dp))
-    optimizer, grads = build_data_parallel(model, mesh, cfg.optim, pcfg.zero1)
-    ctx = ParallelContext(mesh, grads, loss_fn, zero1=pcfg.zero1, sequence_parallel=sp, pipeline=pipeline)
-    return ctx, model, optimizer, device
+    return MeshSetup(mesh, device_for(env, resolve_backend(pcfg.backend)), sp)
 
 
-__all__ = ["setup_parallel_training", "build_data_parallel"]
+def apply_model_parallel(model, setup: MeshSetup, cfg):
+    """(chunk_layers, loss_fn) after trimming and sharding `model` in place."""
+    mesh = setup.mesh
+    chunk_layers = apply_pp(model, mesh.rank_in("pp"), mesh.pp, cfg.parallel.virtual_pp, cfg.parallel.pp_layout)
+    model, loss_fn = parallelize_model(model, mesh, setup.sequence_parallel)
+    return chunk_layers, loss_fn
+
+
+def build_pipeline(model, setup: MeshSetup, chunk_layers, cfg, dtype: torch.dtype) -> PipelineRunner | None:
+    mesh = setup.mesh
+    if mesh.pp == 1:
+        return None
+    seq_per_rank = cfg.model.seq_length // mesh.tp if setup.sequence_parallel else cfg.model.seq_length
+    runner = PipelineRunner(model, mesh, chunk_layers, cfg.micro_batch_size, seq_per_rank, dtype)
+    runner.check_num_micro(cfg.global_batch_size // (cfg.micro_batch_size * mesh.dp))
+    return runner
+
+
+def build_data_parallel(model, mesh: ParallelMesh, optim_cfg, zero1: bool, bucket_numel: int | None = None):
+    """(optimizer, grads): grads has reduce_grads() and grad_norm(). Call after the model is on
+    its device (ZeRO-1 turns the parameters into views of flat buffers)."""
+    if zero1:
+        if optim_cfg.impl == "apex":
+            raise ValueError("optim.impl apex does not combine with parallel.zero1 (ZeRO-1 steps "
+                             "torch AdamW on its fp32 shards); use optim.impl torch")
+        opt = ZeroOptimizer(model, optim_cfg, mesh)
+        return opt, opt
+    reducer = GradReducer(model, mesh) if bucket_numel is None else GradReducer(model, mesh, bucket_numel)
+    return build_optimizer(model, optim_cfg), reducer
+
+
+__all__ = ["MeshSetup", "build_mesh", "apply_model_parallel", "build_pipeline", "build_data_parallel"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from megamoe.parallel import collectives as C
 from megamoe.parallel.params import set_spec, sharded_index
+from megamoe.precision import upcast
 
 SEQ_DIM = 1  # activations are [B, S, H]; sequence parallelism splits S
 
@@ -140,10 +141,10 @@ class ShardedRMSNorm(nn.Module):
                  index=sharded_index(norm.weight.shape, 0, rank, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = upcast(x)
         sq = C.sum_across(x32.pow(2).sum(-1, keepdim=True), self.group)
         normed = x32 * torch.rsqrt(sq / self.global_dim + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return (normed * self.weight.to(x32.dtype)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------ vocab-parallel loss
@@ -180,7 +181,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
                                  vocab_start: int, ignore_index: int = -100) -> torch.Tensor:
     """Mean token cross-entropy in fp32; logits [..., V/tp] (this rank's vocab slice starting at
     `vocab_start`), labels [...] global ids. Tokens with label == ignore_index are left out."""
-    flat = logits.float().reshape(-1, logits.shape[-1])
+    flat = upcast(logits).reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     valid = labels != ignore_index
     losses = _VocabParallelCE.apply(flat, labels.masked_fill(~valid, 0), group, vocab_start)

@@ -1,6 +1,7 @@
 """AdamW with decoupled weight decay on matrices only (not on norms, biases or router bias).
 
-torch's fused AdamW on GPU; apex FusedAdam (AdamW mode) with optim.impl=apex or when installed."""
+optim.impl: auto / torch -> torch's AdamW (fused on GPU); apex -> apex FusedAdam (AdamW mode),
+only when configured. (With parallel.zero1 the ZeRO-1 optimizer steps torch AdamW on its shards.)"""
 
 import torch
 
@@ -20,7 +21,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     on_cuda = any(p.is_cuda for p in model.parameters())
-    if cfg.impl == "apex" or (cfg.impl == "auto" and on_cuda and optional.available()["apex"]):
+    if cfg.impl == "apex":
         return optional.fused_adamw(param_groups(model, cfg.weight_decay), cfg.lr,
                                     (cfg.beta1, cfg.beta2), cfg.eps)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,

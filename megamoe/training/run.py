@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from megamoe.config import load, validate
+from megamoe.config import load
 
 
 class StopFlag:
@@ -98,17 +98,15 @@ def main(argv: list[str]) -> int:
     cfg = load(args.config, overrides, args.preset)
     from megamoe.parallel.launch import detect_env
     world_size = detect_env().world_size   # torchrun or a Slurm step (not the batch shell)
-    validate(cfg, world_size=world_size)
     stop = StopFlag()
     stop.install()
     torch.manual_seed(cfg.seed)
 
-    from megamoe.model.transformer import build_model
+    from megamoe.training.build import build_training
     from megamoe.training.trainer import Trainer
 
     if world_size > 1:
         from megamoe.parallel.launch import init_distributed
-        from megamoe.parallel.setup import setup_parallel_training
         from megamoe.training.watchdog import check_ranks_agree, config_fingerprint, named_collective
         # A rank that never shows up makes the rendezvous time out after parallel.timeout_s.
         with named_collective("world (startup rendezvous)", cfg.parallel.timeout_s):
@@ -116,13 +114,9 @@ def main(argv: list[str]) -> int:
         # Fail fast, with one line naming the odd ranks, if ranks got different configs
         # (before anything builds process groups or data from them).
         check_ranks_agree({"config": config_fingerprint(cfg)}, timeout_s=cfg.parallel.timeout_s)
-        ctx, model, optimizer, device = setup_parallel_training(cfg)
-        rank = ctx.rank
-    else:
-        ctx, optimizer, rank = None, None, 0
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = build_model(cfg.model, seed=cfg.seed)
-    train_ds, valid_ds, tokenizer = build_data(cfg, rank=rank)
+    run = build_training(cfg)      # the same build pipeline for one process and for many
+    ctx, model, device = run.ctx, run.model, run.device
+    train_ds, valid_ds, tokenizer = build_data(cfg, rank=ctx.rank)
     if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; raise model.vocab_size")
@@ -130,12 +124,17 @@ def main(argv: list[str]) -> int:
         from megamoe.training.watchdog import dataset_fingerprint
         check_ranks_agree({"train data": dataset_fingerprint(train_ds),
                            "valid data": dataset_fingerprint(valid_ds)}, timeout_s=cfg.parallel.timeout_s)
-    trainer = Trainer(cfg, model, train_ds, valid_ds, device=device, ctx=ctx, optimizer=optimizer)
+    trainer = Trainer(run, train_ds, valid_ds)
+    # The whole model's size, as one process prints it (each rank holds only its shards and
+    # stages; count_params merges them: a collective, so every rank calls it).
+    from megamoe.parallel.params import count_params
+    counts = count_params(model)
     if trainer.is_main:
-        n_total, n_active = model.num_params(), model.num_params(active=True)
-        print(f"megamoe: {n_total / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), "
+        print(f"megamoe: {counts.describe()}, "
               f"{len(train_ds)} training samples of {cfg.model.seq_length} tokens, "
               f"device {device}, world size {world_size}", flush=True)
+        if counts.describe_per_rank():
+            print(f"megamoe: {counts.describe_per_rank()}", flush=True)
     agreed = AgreedStop(stop, distributed=world_size > 1, device=device)
     history = trainer.train(stop_requested=agreed)
     if trainer.is_main and history:
@@ -150,8 +149,7 @@ def main(argv: list[str]) -> int:
         stopped_early = agreed.signal is not None and trainer.step < cfg.steps
         write_run_state(cfg.out_dir, "stopped" if stopped_early else "finished", trainer.step, cfg.steps,
                         agreed.signal)
-    if ctx is not None:
-        ctx.shutdown()
+    ctx.shutdown()
     return 0
 
 

@@ -30,26 +30,29 @@ def moe_layer_positions(model: torch.nn.Module) -> tuple[dict[int, int], int]:
 
 
 class StepStats:
-    def __init__(self, positions: dict[int, int], num_moe_layers: int, num_experts: int, device):
+    def __init__(self, positions: dict[int, int], num_moe_layers: int, num_experts: int, device,
+                 dtype: torch.dtype = torch.float32):
+        # dtype: fp32, or fp64 for the fp64 test mode (fp32 rounding of a logged loss would
+        # hide differences far below its last bit, or make equal runs look different)
         self.positions = positions
-        self.scalars = torch.zeros(6, device=device)                       # see CE..EVENTS
-        self.load = torch.zeros(num_moe_layers, num_experts, device=device)  # [L, E] tokens
+        self.scalars = torch.zeros(6, device=device, dtype=dtype)                       # CE..EVENTS
+        self.load = torch.zeros(num_moe_layers, num_experts, device=device, dtype=dtype)  # [L, E]
 
     def add_ce(self, ce: torch.Tensor) -> None:
-        self.scalars[CE] += ce.detach().float()
+        self.scalars[CE] += ce.detach().to(self.scalars.dtype)
 
     def add_moe_layer(self, layer) -> None:
         """Statistics of one MoE layer's last forward (layer.last_stats, see MoELayer)."""
         s = layer.last_stats
         if not s:
             return
-        self.scalars[AUX] += s["aux_loss"].float()
-        self.scalars[LB] += s["lb_loss"].float()
-        self.scalars[Z] += s["z_loss"].float()
-        self.scalars[DROPPED] += torch.as_tensor(s["dropped_frac"], dtype=torch.float32,
-                                                 device=self.scalars.device)
+        dtype = self.scalars.dtype
+        self.scalars[AUX] += s["aux_loss"].to(dtype)
+        self.scalars[LB] += s["lb_loss"].to(dtype)
+        self.scalars[Z] += s["z_loss"].to(dtype)
+        self.scalars[DROPPED] += torch.as_tensor(s["dropped_frac"], dtype=dtype, device=self.scalars.device)
         self.scalars[EVENTS] += 1
-        self.load[self.positions[id(layer)]] += s["tokens_per_expert"].float()
+        self.load[self.positions[id(layer)]] += s["tokens_per_expert"].to(dtype)
 
     def reduce(self, group) -> None:
         """Sum over the ranks of `group` (the pipeline stages), in one collective."""

@@ -5,8 +5,11 @@ One optimizer step consumes `global_batch_size` sequences: each data-parallel ra
 The step's loss is the mean over micro-batches of cross-entropy + MoE auxiliary losses; the
 aux losses reach the gradients through `MoELayer`'s AuxLossGrad hook, scaled like the CE.
 
-Parallelism enters through `ctx` (a `megamoe.parallel.ParallelContext`, or None for one
-process): it reduces gradients, computes the global gradient norm, and averages logged values.
+The Trainer receives a built run (megamoe.training.build.build_training): model, optimizer,
+device, precision, and a context with one protocol for one process and for many (LocalContext
+or megamoe.parallel.ParallelContext). It reduces gradients, computes the global gradient norm,
+averages logged values, runs the micro-batch schedule (plain loop or pipeline) and saves /
+loads checkpoints; the Trainer never asks which one it has.
 """
 
 from __future__ import annotations
@@ -17,16 +20,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from megamoe.config import TrainConfig, to_dict
 from megamoe.data.sampler import rank_micro_batches
 from megamoe.model.transformer import flops_per_token
-from megamoe.ops import optional
 from megamoe.training import checkpoint as ckpt
+from megamoe.training.context import cross_entropy
 from megamoe.training.logging_backends import build_sinks
 from megamoe.training.metrics import JsonlLogger, device_peak_flops, format_console, host_rss_gib
-from megamoe.training.optim import build_optimizer
 from megamoe.training.schedule import lr_at
 from megamoe.training.step_stats import StepStats, moe_layer_positions
 from megamoe.training.watchdog import StepWatchdog
@@ -36,46 +36,30 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32; logits [B, S, V], labels [B, S]."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_ds, valid_ds=None,
-                 device: torch.device | None = None, ctx=None, optimizer=None):
-        self.cfg, self.model, self.train_ds, self.valid_ds, self.ctx = cfg, model, train_ds, valid_ds, ctx
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        if cfg.fp8:
-            optional.swap_linears_for_te(model)
-        if cfg.activation_checkpointing and hasattr(model, "set_activation_checkpointing"):
-            model.set_activation_checkpointing(True)
-        self.optimizer = optimizer or build_optimizer(model, cfg.optim)
-        self.dp_rank = ctx.dp_rank if ctx else 0
-        self.dp_size = ctx.dp_size if ctx else 1
-        self.is_main = ctx.is_main if ctx else True
+    def __init__(self, run, train_ds, valid_ds=None):
+        """run: a megamoe.training.build.TrainingRun."""
+        self.run, self.train_ds, self.valid_ds = run, train_ds, valid_ds
+        self.cfg, self.model, self.optimizer, self.ctx, self.device = \
+            run.cfg, run.model, run.optimizer, run.ctx, run.device
+        cfg, ctx = self.cfg, self.ctx
+        self.dp_rank, self.dp_size, self.is_main = ctx.dp_rank, ctx.dp_size, ctx.is_main
         self.num_micro = cfg.global_batch_size // (cfg.micro_batch_size * self.dp_size)
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict] = []
         self.logger = JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=self.is_main)
         self.flops_per_token = flops_per_token(cfg.model)
-        self.loss_fn = ctx.loss_fn if ctx is not None and ctx.loss_fn is not None else cross_entropy
-        self.pipeline = ctx.pipeline if ctx is not None else None   # PipelineRunner under pp > 1
-        self.moe_positions, self.num_moe_layers = moe_layer_positions(model)
+        self.loss_fn = ctx.loss_fn
+        self.schedule = ctx.schedule          # plain micro-batch loop, or the pipeline runner
+        self.moe_positions, self.num_moe_layers = moe_layer_positions(self.model)
+        self.stats_dtype = next(self.model.parameters()).dtype   # fp32 (fp64 in the test mode)
         self.peak_flops = device_peak_flops(self.device)
 
     # ---------------------------------------------------------------------------------- pieces
     def autocast(self):
-        """bf16 autocast (fp32 master weights stay in the params) and, with cfg.fp8, TE's FP8."""
-        stack = contextlib.ExitStack()
-        use_bf16 = self.cfg.dtype == "bf16" or (self.cfg.dtype == "auto" and self.device.type == "cuda")
-        if use_bf16:
-            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-        if self.cfg.fp8:
-            stack.enter_context(optional.fp8_autocast())
-        return stack
+        """The forward's precision context (bf16 autocast, + FP8 with cfg.fp8); see precision.py."""
+        return self.run.autocast()
 
     def get_batch(self, dataset, sample_ids: list[int]):
         rows = [np.asarray(dataset[i % len(dataset)], dtype=np.int64) for i in sample_ids]
@@ -89,37 +73,23 @@ class Trainer:
 
     def new_step_stats(self) -> StepStats:
         moe = self.cfg.model.moe
-        return StepStats(self.moe_positions, self.num_moe_layers, moe.num_experts if moe else 0, self.device)
+        return StepStats(self.moe_positions, self.num_moe_layers, moe.num_experts if moe else 0, self.device,
+                         self.stats_dtype)
 
     def forward_backward(self, batches) -> StepStats:
         """Gradients of the step's micro-batches (accumulated in .grad, scaled 1/num_micro),
         plus their loss and MoE statistics."""
         stats = self.new_step_stats()
-        if self.pipeline is not None:
-            self.pipeline.forward_backward(self, batches, stats)
-            return stats
-        moe_layers = self.model.moe_layers() if hasattr(self.model, "moe_layers") else []
-        for mb, (inputs, labels) in enumerate(batches):
-            last = mb == len(batches) - 1
-            with self.ctx.no_sync(self.model, last=last) if self.ctx else contextlib.nullcontext():
-                ce = self.forward_loss(inputs, labels)
-                (ce / self.num_micro).backward()
-            stats.add_ce(ce)
-            for layer in moe_layers:
-                stats.add_moe_layer(layer)
+        self.schedule.forward_backward(self, batches, stats)
         return stats
 
     def grad_norm_and_clip(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.ctx is not None:
-            norm = self.ctx.grad_norm(self.model)
-        else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        norm = self.ctx.grad_norm(self.model)
         if self.cfg.optim.clip_grad > 0 and torch.isfinite(norm):
             coef = (self.cfg.optim.clip_grad / (norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                p.grad.mul_(coef.to(p.grad.dtype))
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.dtype))
         return norm
 
     # ------------------------------------------------------------------------------ train step
@@ -133,18 +103,15 @@ class Trainer:
         ids = rank_micro_batches(self.step, cfg.global_batch_size, cfg.micro_batch_size,
                                  self.dp_rank, self.dp_size)
         stats = self.forward_backward([self.get_batch(self.train_ds, sample_ids) for sample_ids in ids])
-        if self.ctx is not None:
-            self.ctx.reduce_grads(self.model)
+        self.ctx.reduce_grads(self.model)
         grad_norm = self.grad_norm_and_clip()
         # One collective for everything logged: the means over DP ranks of the per-rank means
         # (each rank ran the same number of micro-batches), the expert load summed over every
         # rank that routed distinct tokens (it also drives the router-bias update).
         logged = torch.cat([stats.ce_mean(self.num_micro)[None], stats.aux_mean(self.num_micro)[None],
                             stats.layer_means()])
-        load = stats.load if stats.has_moe else None
-        if self.ctx is not None:
-            logged = self.ctx.average_over_dp(logged)
-            load = self.ctx.sum_over_dp(load) if load is not None else None
+        logged = self.ctx.average_over_dp(logged)
+        load = self.ctx.sum_over_dp(stats.load) if stats.has_moe else None
         ce_mean, aux_mean, lb_mean, z_mean, dropped_mean = logged.unbind()
         loss = ce_mean + aux_mean
 
@@ -166,12 +133,12 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = cfg.global_batch_size * cfg.model.seq_length
-        world = self.ctx.world_size if self.ctx else 1
+        world = self.ctx.world_size
         rec = {"step": self.step, "loss": float(loss), "ce": float(ce_mean), "lr": lr,
                "grad_norm": float(grad_norm), "skipped": not finite, "step_time_s": dt,
                "tokens_per_s": tokens / dt,
-               "tflops_per_gpu": tokens * self.flops_per_token / dt / world / 1e12}
-        rec["mfu"] = (rec["tflops_per_gpu"] * 1e12 / self.peak_flops) if self.peak_flops else None
+               "tflops_per_device": tokens * self.flops_per_token / dt / world / 1e12}
+        rec["mfu"] = (rec["tflops_per_device"] * 1e12 / self.peak_flops) if self.peak_flops else None
         if load is not None:
             rec.update(lb_loss=float(lb_mean), z_loss=float(z_mean), dropped_frac=float(dropped_mean))
             per_layer = load / load.sum(-1, keepdim=True).clamp(min=1)       # [L, E] shares
@@ -198,39 +165,25 @@ class Trainer:
         batches = [self.get_batch(self.valid_ds, ids) for i in range(self.cfg.eval_iters)
                    for ids in rank_micro_batches(i, self.cfg.global_batch_size, self.cfg.micro_batch_size,
                                                  self.dp_rank, self.dp_size)]
-        if self.pipeline is not None:
-            loss = self.pipeline.evaluate(self, batches)
-        else:
-            loss = torch.stack([self.forward_loss(inputs, labels) for inputs, labels in batches]).mean()
-        if self.ctx is not None:
-            loss = self.ctx.average_over_dp(loss[None])[0]
+        loss = self.ctx.average_over_dp(self.schedule.evaluate(self, batches)[None])[0]
         self.model.train()
         return float(loss)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def state_files(self) -> dict:
-        return {
-            "model.pt": self.model.state_dict(),
-            "optimizer.pt": self.optimizer.state_dict(),
-            "trainer.pt": {"step": self.step, "consumed_samples": self.step * self.cfg.global_batch_size,
-                           "bad_steps": self.bad_steps, "rng": ckpt.rng_state()},
-        }
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.step * self.cfg.global_batch_size,
+                "bad_steps": self.bad_steps}
 
     def save(self) -> str | None:
-        if self.ctx is not None:
-            return self.ctx.save_checkpoint(self)
-        return ckpt.save_checkpoint(self.cfg.out_dir, self.step, self.state_files(), to_dict(self.cfg))
+        return self.ctx.save_checkpoint(self)
 
     def load(self, ckpt_dir: str) -> None:
-        if self.ctx is not None:
-            self.ctx.load_checkpoint(self, ckpt_dir)
-            return
-        # a single-process checkpoint, or a sharded one from any parallel layout
-        self.load_trainer_state(ckpt.load_training_state(ckpt_dir, self.model, self.optimizer))
+        self.ctx.load_checkpoint(self, ckpt_dir)
 
     def load_trainer_state(self, state: dict) -> None:
         self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
-        ckpt.set_rng_state(state["rng"])
+        if "rng" in state:
+            ckpt.set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------------------------ loop
     def train(self, stop_requested=lambda: False) -> list[dict]:
@@ -244,7 +197,9 @@ class Trainer:
                 if self.is_main:
                     print(f"resumed from {latest} at step {self.step}", flush=True)
         bar = None
-        if cfg.progress and self.is_main:
+        # Only on a terminal: in a log file (Slurm, CI, a pipe) every update would be a \r line.
+        from megamoe.training.metrics import progress_bar_wanted
+        if cfg.progress and self.is_main and progress_bar_wanted():
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         # Without a progress bar (e.g. Slurm log files) the console lines are plain prints.
@@ -253,7 +208,7 @@ class Trainer:
         watchdog = None
         if cfg.watchdog_s > 0:
             watchdog = StepWatchdog(cfg.watchdog_s, abort=cfg.watchdog_abort,
-                                    rank=getattr(self.ctx, "rank", 0)).start()
+                                    rank=self.ctx.rank).start()
         try:
             while self.step < cfg.steps:
                 # The watched "step" includes its eval and checkpoint: any of them can hang.
@@ -294,4 +249,4 @@ class Trainer:
         return stop
 
 
-__all__ = ["Trainer", "TrainingError", "cross_entropy"]
+__all__ = ["Trainer", "TrainingError"]

@@ -26,6 +26,7 @@ from megamoe.model.transformer import build_model
 from megamoe.moe.layer import MoELayer
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.trainer import Trainer
+from megamoe.training.build import build_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,7 +138,7 @@ def trained(tmp_path_factory, one_thread):
     cfg.eval_interval, cfg.save_interval, cfg.out_dir, cfg.progress = 0, 0, str(run), False
     cfg.tensorboard = False
     rng = np.random.default_rng(0)
-    Trainer(cfg, build_model(cfg.model, seed=0), [rng.integers(0, VOCAB, SEQ + 1) for _ in range(32)]).train()
+    Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), [rng.integers(0, VOCAB, SEQ + 1) for _ in range(32)]).train()
     # Two "domains": a 1-D stream of low token ids, and 2-D rows of high ones.
     np.save(run / "low.npy", rng.integers(0, VOCAB // 2, size=20 * SEQ))
     np.save(run / "high.npy", rng.integers(VOCAB // 2, VOCAB, size=(12, SEQ + 3)))
@@ -230,14 +231,11 @@ def test_loss_curve_from_metrics_with_a_resumed_run(tmp_path):
 def _save_parallel_checkpoint(rank, port, out_dir, parallel):
     """Forked worker: a 2-rank run (EP or TP shards) saves its step-0 checkpoint."""
     import torch.distributed as dist
-
-    from megamoe.parallel.setup import setup_parallel_training
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     cfg = _parallel_cfg(out_dir, parallel)
-    ctx, model, optimizer, device = setup_parallel_training(cfg, verbose=False)
-    Trainer(cfg, model, [np.zeros(SEQ + 1, dtype=np.int64)] * 8, device=device, ctx=ctx,
-            optimizer=optimizer).save()
+    run = build_training(cfg, verbose=False)
+    Trainer(run, [np.zeros(SEQ + 1, dtype=np.int64)] * 8).save()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -144,17 +144,18 @@ def parallel_save_worker(rank: int, world_size: int, port: int, out_dir: str, re
     import torch.distributed as dist
 
     from megamoe.parallel.params import get_spec, place_shard
-    from megamoe.parallel.setup import setup_parallel_training
     from megamoe.training.trainer import Trainer
+    from megamoe.training.build import build_training
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     cfg = parallel_train_config(out_dir)
-    ctx, model, optimizer, device = setup_parallel_training(cfg, verbose=False)
+    run = build_training(cfg, verbose=False)
+    model = run.model
     rows = [torch.randint(0, VOCAB, (SEQ + 1,), generator=torch.Generator().manual_seed(i)).numpy()
             for i in range(8)]
-    trainer = Trainer(cfg, model, rows, device=device, ctx=ctx, optimizer=optimizer)
+    trainer = Trainer(run, rows)
     trainer.save()                      # step 0: the sharded initial weights
     trainer.train()                     # steps 1-2, saved at the end
     local = {n: (p.detach().clone(), get_spec(p)) for n, p in model.named_parameters()}
@@ -167,4 +168,4 @@ def parallel_save_worker(rank: int, world_size: int, port: int, out_dir: str, re
                 full.setdefault(name, torch.zeros(spec.global_shape, dtype=t.dtype))
                 place_shard(full[name], t, spec.index)
         torch.save(full, result_path)
-    ctx.shutdown()
+    run.ctx.shutdown()

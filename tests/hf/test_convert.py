@@ -159,6 +159,7 @@ def test_converted_checkpoint_continues_training(tmp_path):
     """from-hf writes an out_dir that `megamoe train --config <dst>/config.yaml` resumes."""
     from megamoe.training import checkpoint as ckpt
     from megamoe.training.trainer import Trainer
+    from megamoe.training.build import build_training
 
     hf = _random_hf("mixtral")
     hf.save_pretrained(str(tmp_path / "hf"))
@@ -171,7 +172,7 @@ def test_converted_checkpoint_continues_training(tmp_path):
     assert os.path.samefile(cfg.out_dir, dst) and cfg.model.moe.router_mode == "topk_softmax"
     model = build_model(cfg.model, seed=123)  # a different init: resume must replace it
     rows = [torch.randint(0, 96, (17,)).numpy() for _ in range(4)]
-    trainer = Trainer(cfg, model, rows, device=torch.device("cpu"))
+    trainer = Trainer(build_training(cfg, model, device=torch.device("cpu"), verbose=False), rows)
     trainer.load(ckpt.latest_checkpoint(cfg.out_dir))
     x = tokens()
     with torch.no_grad():

@@ -106,6 +106,7 @@ def test_flops_count_every_mla_matrix_once(q_lora_rank):
 
 def test_training_smoke(tmp_path):
     from megamoe.training.trainer import Trainer
+    from megamoe.training.build import build_training
 
     cfg = TrainConfig(model=mla_cfg())
     cfg.steps, cfg.micro_batch_size, cfg.global_batch_size = 3, 2, 2
@@ -115,7 +116,7 @@ def test_training_smoke(tmp_path):
     validate(cfg)
     rows = [torch.randint(0, 64, (17,), generator=torch.Generator().manual_seed(i)).numpy()
             for i in range(8)]
-    trainer = Trainer(cfg, build_model(cfg.model, seed=0), rows, device=torch.device("cpu"))
+    trainer = Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), rows)
     history = trainer.train()
     assert trainer.step == 3
     assert history and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

@@ -77,3 +77,26 @@ def test_stats_reduce_uses_global_statistics():
     local = r.load_balancing_loss(probs, counts)
     r.stats_reduce = lambda t: 2 * t
     torch.testing.assert_close(r.load_balancing_loss(probs, counts), local)
+
+
+def test_router_is_fp32_under_bf16_autocast_in_every_mode():
+    """Autocast is disabled inside the router: logits, probs and weights are fp32, and the
+    selection (sigmoid_bias included) equals the fp32 router's bit for bit, even where bf16
+    logits would tie."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    # near-ties: two experts whose logits differ far below bf16's resolution
+    for mode in ("softmax_topk", "topk_softmax", "sigmoid_bias"):
+        r = Router(32, MoEConfig(num_experts=8, top_k=2, router_mode=mode, norm_topk_prob=True))
+        with torch.no_grad():
+            r.weight.normal_(0, 0.02)
+            r.weight[1] = r.weight[0] * (1 + 1e-4)
+            r.expert_bias.copy_(torch.linspace(-0.01, 0.01, 8))
+        ref = r(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = r(x.to(torch.bfloat16))
+            out_fp32_in = r(x)
+        for field in ("logits", "probs", "topk_weight"):
+            assert getattr(out, field).dtype == torch.float32, (mode, field)
+        assert torch.equal(out_fp32_in.topk_idx, ref.topk_idx) and torch.equal(out_fp32_in.logits, ref.logits)
+        torch.testing.assert_close(out.logits, r(x.to(torch.bfloat16).float()).logits, rtol=0, atol=0)

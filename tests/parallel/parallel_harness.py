@@ -49,6 +49,7 @@ def _prewarm() -> None:
     """Import what every worker needs once in the parent, so forked workers start in ~0.1 s
     instead of each re-importing torch (seconds per process on a 2-core CI machine)."""
     import megamoe.parallel.setup  # noqa: F401
+    import megamoe.training.build  # noqa: F401
     import megamoe.training.trainer  # noqa: F401
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # first use imports torch._dynamo
 
@@ -68,9 +69,12 @@ def spawn(world_size: int, fn, *args):
 
 # ------------------------------------------------------------------------------ model + data
 
-def tiny_cfg(out_dir: str = "/tmp/megamoe-test", **parallel):
-    """A small MoE (2 layers, d 64, 8 experts top-2, QK-norm) trained for STEPS steps."""
+def tiny_cfg(out_dir: str = "/tmp/megamoe-test", dtype: str = "fp64", **parallel):
+    """A small MoE (2 layers, d 64, 8 experts top-2, QK-norm) trained for STEPS steps, in fp64 by
+    default: a parallel layout then matches one process to ~1e-12 (reduction order is the only
+    difference), so the tests can use tolerances of ~1e-9 that no rounding noise can reach."""
     cfg = preset("tiny")
+    cfg.dtype = dtype
     m = cfg.model
     m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = VOCAB, 64, 2, 4, 2
     m.ffn_hidden, m.seq_length, m.qk_norm = 128, SEQ, True
@@ -95,12 +99,13 @@ def synthetic_ds(n: int = 256):
 
 def train_reference(cfg):
     """Single-process run: (per-step losses, {name: final param})."""
-    from megamoe.model.transformer import build_model
+    from megamoe.training.build import build_training
     from megamoe.training.trainer import Trainer
 
     cfg = copy.deepcopy(cfg)
-    model = build_model(cfg.model, seed=cfg.seed)
-    trainer = Trainer(cfg, model, synthetic_ds(), device=torch.device("cpu"))
+    run = build_training(cfg, device=torch.device("cpu"), verbose=False)
+    model = run.model
+    trainer = Trainer(run, synthetic_ds())
     trainer.save = lambda: None
     hist = trainer.train()
     return [h["loss"] for h in hist], {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -127,21 +132,21 @@ def gather_full_params(model) -> dict[str, torch.Tensor] | None:
 # ----------------------------------------------------------------------------- the workers
 
 def train_configs(rank, world_size, runs: list[tuple[str, dict]], out_root: str):
-    """For each (label, parallel settings): train STEPS steps, gather the params.
+    """For each (label, parallel settings [+ "dtype"]): train STEPS steps, gather the params.
     Returns {label: (losses, full params, extra)} on rank 0. Labels listed in RESUME_CHECK also
     save at step STEPS//2 and are then resumed from that checkpoint in fresh objects; extra
     holds the resumed run's losses and the checkpoint's file names."""
-    from megamoe.parallel.setup import setup_parallel_training
     from megamoe.training import checkpoint as ckpt
+    from megamoe.training.build import build_training
     from megamoe.training.trainer import Trainer
 
     def build(cfg):
-        ctx, model, optimizer, device = setup_parallel_training(cfg, verbose=False)
-        return Trainer(cfg, model, synthetic_ds(), device=device, ctx=ctx, optimizer=optimizer)
+        return Trainer(build_training(cfg, verbose=False), synthetic_ds())
 
     results = {}
     for label, par in runs:
-        cfg = tiny_cfg(os.path.join(out_root, label), **par)
+        par = dict(par)
+        cfg = tiny_cfg(os.path.join(out_root, label), par.pop("dtype", "fp64"), **par)
         resume_check = label in RESUME_CHECK
         if resume_check:
             cfg.save_interval = STEPS // 2

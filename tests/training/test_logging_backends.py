@@ -18,6 +18,7 @@ from megamoe.model.transformer import build_model, flops_per_token
 from megamoe.training import logging_backends as lb
 from megamoe.training.metrics import PEAK_ENV, device_peak_flops, format_console
 from megamoe.training.trainer import Trainer
+from megamoe.training.build import build_training
 
 STEPS, VOCAB, SEQ = 4, 256, 16
 PEAK_TFLOPS = 0.5      # a pretend device: MFU = achieved TFLOP/s / 0.5
@@ -59,8 +60,7 @@ def run(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(PEAK_ENV, str(PEAK_TFLOPS))
-            trainer = Trainer(cfg, build_model(cfg.model, seed=0), synthetic(32, 0), synthetic(8, 1),
-                              device=torch.device("cpu"))
+            trainer = Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), synthetic(32, 0), synthetic(8, 1))
             history = trainer.train()
     finally:
         torch.set_num_threads(threads)
@@ -73,10 +73,10 @@ def test_jsonl_has_a_record_per_step_with_all_metrics(run):
     cfg, history, rows = run
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
-        for key in ("time", "loss", "ce", "lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops_per_gpu",
+        for key in ("time", "loss", "ce", "lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops_per_device",
                     "mfu", "lb_loss", "z_loss", "expert_load", "expert_load_cv", "host_rss_gib"):
             assert key in r, key
-        assert r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0 and 0 < r["mfu"]
+        assert r["tokens_per_s"] > 0 and r["tflops_per_device"] > 0 and 0 < r["mfu"]
         assert r["lb_loss"] > 0 and r["z_loss"] > 0 and math.isfinite(r["loss"])
         assert r["host_rss_gib"] > 0
         # Tokens per expert, per MoE layer, as shares of the layer's token-slots.
@@ -97,8 +97,8 @@ def test_throughput_tflops_and_mfu_arithmetic(run):
     fpt = flops_per_token(cfg.model)
     for r in rows:
         assert r["tokens_per_s"] == pytest.approx(tokens / r["step_time_s"], rel=1e-9)
-        assert r["tflops_per_gpu"] == pytest.approx(tokens * fpt / r["step_time_s"] / 1e12, rel=1e-9)
-        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / PEAK_TFLOPS, rel=1e-9)
+        assert r["tflops_per_device"] == pytest.approx(tokens * fpt / r["step_time_s"] / 1e12, rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / PEAK_TFLOPS, rel=1e-9)
 
 
 def test_megatron_flop_formula_by_hand():
@@ -145,7 +145,7 @@ def test_peak_flops_of_known_devices(monkeypatch):
 def test_console_line(run):
     _, _, rows = run
     line = format_console(rows[-1])
-    for part in ("step 4", "loss ", "tok/s", "TFLOP/s/gpu", "mfu ", "lb ", " z ", "load-cv", "val loss"):
+    for part in ("step 4", "loss ", "tok/s", "TFLOP/s/device", "mfu ", "lb ", " z ", "load-cv", "val loss"):
         assert part in line, (part, line)
     assert "\n" not in line
 
@@ -208,13 +208,13 @@ def test_tensorboard_event_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = small_cfg(str(tmp_path))
     cfg.tensorboard = True
-    Trainer(cfg, build_model(cfg.model, seed=0), synthetic(32, 0), synthetic(8, 1)).train()
+    Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), synthetic(32, 0), synthetic(8, 1)).train()
     events = glob.glob(os.path.join(str(tmp_path), "tensorboard", "events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(os.path.dirname(events[0]))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "val/loss", "perf/tokens_per_s", "perf/tflops_per_gpu", "moe/lb_loss",
+    for tag in ("train/loss", "val/loss", "perf/tokens_per_s", "perf/tflops_per_device", "moe/lb_loss",
                 "moe/z_loss", "moe/layer0/max_load", "moe/layer1/max_load"):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
@@ -227,7 +227,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = small_cfg(str(tmp_path))
     cfg.wandb_project, cfg.tensorboard, cfg.steps = "megamoe-test", False, 2
-    Trainer(cfg, build_model(cfg.model, seed=0), synthetic(32, 0), synthetic(8, 1)).train()
+    Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), synthetic(32, 0), synthetic(8, 1)).train()
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     assert run_id and glob.glob(os.path.join(str(tmp_path), "wandb", f"*{run_id}*"))
     del wandb
@@ -247,10 +247,10 @@ def test_tensorboard_after_resume_has_each_step_once(tmp_path):
             raise Crash
         return False
 
-    trainer = Trainer(cfg, build_model(cfg.model, seed=0), synthetic(32, 0))
+    trainer = Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), synthetic(32, 0))
     with pytest.raises(Crash):
         trainer.train(stop_requested=crash_after_step_5)
-    Trainer(cfg, build_model(cfg.model, seed=0), synthetic(32, 0)).train()   # resumes at 4
+    Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), synthetic(32, 0)).train()   # resumes at 4
     acc = EventAccumulator(os.path.join(str(tmp_path), "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -13,18 +13,19 @@ from megamoe.config import preset
 from megamoe.model.transformer import build_model
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.trainer import Trainer
+from megamoe.training.build import build_training
 
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     import numpy as np
     from megamoe.config import preset
-    from megamoe.model.transformer import build_model
+    from megamoe.training.build import build_training
     from megamoe.training.trainer import Trainer
     sys.path.insert(0, os.path.dirname(sys.argv[3]))
     from test_resume import tiny_cfg, synthetic_ds
     out_dir, kill_at, _ = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     cfg = tiny_cfg(out_dir)
-    t = Trainer(cfg, build_model(cfg.model, seed=cfg.seed), synthetic_ds())
+    t = Trainer(build_training(cfg, verbose=False), synthetic_ds())
     def stop():  # called after the step's checkpoint is written
         if t.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -71,7 +72,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 def test_checkpoint_has_everything_and_loads_weights_only(tmp_path):
     cfg = tiny_cfg(str(tmp_path))
     cfg.steps = 2
-    t = Trainer(cfg, build_model(cfg.model, seed=0), synthetic_ds())
+    t = Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), synthetic_ds())
     t.train()
     latest = ckpt.latest_checkpoint(str(tmp_path))
     assert sorted(os.listdir(latest)) == ["config.yaml", "model.pt", "optimizer.pt", "trainer.pt"]
@@ -94,7 +95,7 @@ def test_nan_guard_skips_then_stops(tmp_path):
     cfg = tiny_cfg(str(tmp_path))
     cfg.max_bad_steps = 2
     model = build_model(cfg.model, seed=0)
-    t = Trainer(cfg, model, synthetic_ds())
+    t = Trainer(build_training(cfg, model, device=torch.device("cpu"), verbose=False), synthetic_ds())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")

@@ -95,6 +95,7 @@ def _train_with_hang(out_dir, log_path):
     from megamoe.config import preset
     from megamoe.model.transformer import build_model
     from megamoe.training.trainer import Trainer
+    from megamoe.training.build import build_training
     torch.set_num_threads(1)
     log = open(log_path, "w", buffering=1)
     os.dup2(log.fileno(), 1)
@@ -108,7 +109,7 @@ def _train_with_hang(out_dir, log_path):
     cfg.eval_interval, cfg.save_interval, cfg.log_interval = 0, 0, 1
     cfg.out_dir, cfg.progress, cfg.tensorboard = out_dir, False, False
     cfg.watchdog_s, cfg.watchdog_abort = 1, True
-    Trainer(cfg, build_model(cfg.model, seed=0), HangingData()).train()
+    Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), HangingData()).train()
     print("not reached")
 
 
