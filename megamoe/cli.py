@@ -17,7 +17,7 @@ COMMANDS = {
     "preprocess": ("megamoe.data.preprocess", "main", "jsonl corpus -> Megatron .bin/.idx"),
     "print-batch": ("megamoe.data.print_batch", "main", "print the token ids of training batch N"),
     "convert": ("megamoe.hf.convert", "main", "convert checkpoints to / from Hugging Face format"),
-    "consolidate": ("megamoe.training.checkpoint", "main",
+    "consolidate": ("megamoe.checkpoint.consolidate", "main",
                     "merge a (sharded) checkpoint of any parallel layout into a single-process one"),
     "upcycle": ("megamoe.hf.upcycle", "main", "dense checkpoint -> MoE (sparse upcycling / splitting)"),
     "analyze-routing": ("megamoe.analysis.routing", "main", "plots of expert load and co-activation"),

@@ -135,7 +135,8 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 100
     out_dir: str = "runs/default"
-    resume: bool = True               # continue from out_dir's latest checkpoint if present
+    resume: bool = True               # continue from out_dir's newest complete checkpoint if present
+    resume_from: str = ""             # a checkpoint directory to resume from instead (any layout)
     max_bad_steps: int = 5            # NaN/inf steps in a row before stopping
     progress: bool = True
     # Logging sinks besides metrics.jsonl (rank 0 only). TensorBoard event files go to

@@ -5,9 +5,9 @@ holding the full weights.
 
 Examples:
     python tools/consolidate_checkpoint.py runs/olmoe/checkpoints/step_00001000 runs/olmoe-single
-    python tools/consolidate_checkpoint.py runs/olmoe weights.pt      # latest checkpoint, weights only
+    python tools/consolidate_checkpoint.py runs/olmoe weights.pt      # newest complete checkpoint, weights only
 
-Thin wrapper over `megamoe.training.checkpoint.main` (same as ``python -m megamoe consolidate``).
+Thin wrapper over `megamoe.checkpoint.consolidate.main` (same as ``python -m megamoe consolidate``).
 """
 
 import os

@@ -27,41 +27,24 @@ import torch
 import yaml
 
 from megamoe.config import TrainConfig, from_dict
-from megamoe.training import checkpoint as ckpt
+from megamoe.checkpoint import files as ckpt_files
+from megamoe.checkpoint import find_checkpoint
+from megamoe.checkpoint.consolidate import consolidate
 
 
 # ----------------------------------------------------------------------------------- checkpoint
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory (out_dir) -> its newest checkpoint."""
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} is not a directory")
-    if os.path.exists(os.path.join(path, "config.yaml")):
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise ValueError(f"{path!r} is neither a checkpoint (no config.yaml) nor a run directory with "
-                         f"checkpoints")
-    return latest
-
-
 def load_checkpoint_model(path: str, device: str = "cpu"):
     """(model in eval mode, TrainConfig, checkpoint dir, step) from a megamoe checkpoint."""
     from megamoe.model.transformer import build_model
-    ckpt_dir = resolve_checkpoint(path)
+    ckpt_dir = find_checkpoint(path)
+    ckpt_files.verify(ckpt_dir)
     with open(os.path.join(ckpt_dir, "config.yaml")) as f:
         cfg = from_dict(TrainConfig, yaml.safe_load(f) or {})
     if cfg.model.moe is None:
         raise ValueError(f"checkpoint {ckpt_dir!r} is a dense model (model.moe is null): nothing to route")
     model = build_model(cfg.model)
-    if os.path.exists(os.path.join(ckpt_dir, "model.pt")):
-        state = ckpt.load_file(ckpt_dir, "model.pt")
-    elif os.path.exists(os.path.join(ckpt_dir, "model_rank0.pt")):
-        # A parallel run's shards (any TP / EP / PP / ZeRO layout) put back together.
-        from megamoe.parallel.dist_checkpoint import consolidate
-        state = consolidate(ckpt_dir)
-    else:
-        raise ValueError(f"checkpoint {ckpt_dir!r} has no model.pt (or model_rank*.pt)")
+    state = consolidate(ckpt_dir)   # any format or parallel layout
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model lacks"
@@ -69,7 +52,7 @@ def load_checkpoint_model(path: str, device: str = "cpu"):
                          f"it {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
     step = None
     if os.path.exists(os.path.join(ckpt_dir, "trainer.pt")):
-        step = int(ckpt.load_file(ckpt_dir, "trainer.pt")["step"])
+        step = int(ckpt_files.load_file(ckpt_dir, "trainer.pt")["step"])
     return model.to(device).eval(), cfg, ckpt_dir, step
 
 

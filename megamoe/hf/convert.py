@@ -24,7 +24,8 @@ import shutil
 import torch
 
 from megamoe.config import ModelConfig, TrainConfig, validate
-from megamoe.hf.io import (HFTensors, atomic_output_dir, check_state, expected_state, is_hf_dir,
+from megamoe.checkpoint.files import atomic_dir
+from megamoe.hf.io import (HFTensors, check_state, expected_state, is_hf_dir,
                            load_megamoe_state, parse_size, read_hf_config, save_safetensors,
                            write_megamoe)
 from megamoe.hf.layouts import (config_from_hf, config_to_hf, expert_keys, fused_expert_keys,
@@ -255,7 +256,7 @@ def megamoe_to_hf(src: str, dst: str, model_type: str | None = None, tokenizer: 
     hf_cfg.update(ids)
     hf_cfg["dtype"] = DTYPE_NAMES[DTYPES[dtype]]
     gen_cfg = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
-    with atomic_output_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite) as tmp:
         shards = save_safetensors(tensors, tmp, max_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)

@@ -1,87 +1,33 @@
 """Reading and writing the files on either side of a conversion.
 
-  megamoe  a checkpoint directory (model.pt + config.yaml), or an out_dir whose latest
-           checkpoint is taken; `load_megamoe_state` is the one entry point. Formats other
-           than a single model.pt plug in through `register_state_reader`; the per-rank shards
-           of parallel runs (model_rank{r}.pt) are consolidated by `read_rank_shards`.
+  megamoe  a checkpoint directory of either format (single-process or the sharded one of
+           parallel runs), or an out_dir whose newest complete checkpoint is taken (resolved,
+           verified and consolidated by megamoe.checkpoint); `load_megamoe_state` is the one
+           entry point.
   HF       config.json + model.safetensors (or sharded with model.safetensors.index.json, or
            pytorch_model*.bin); tensors are read lazily, one at a time.
-Every writer fills a temporary sibling directory and renames it into place at the end, so a
-failed conversion never leaves a half-written output behind.
+Every writer goes through megamoe.checkpoint.files.atomic_dir (a temporary sibling directory
+renamed into place at the end), so a failed conversion never leaves a half-written output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
-from typing import Callable, Iterator
 
 import torch
 import yaml
 
+from megamoe.checkpoint import files, find_checkpoint
+from megamoe.checkpoint.consolidate import consolidate
+from megamoe.checkpoint.files import atomic_dir
+from megamoe.checkpoint.single import save_checkpoint
 from megamoe.config import ModelConfig, TrainConfig, from_dict, to_dict, validate
-from megamoe.training import checkpoint as ckpt
-
-# ------------------------------------------------------------------------------ output dirs
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory that becomes `dst` when the block finishes without error."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise ValueError(f"output {dst!r} already exists; pass --overwrite to replace it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(dst):
-        old = f"{dst}.old-{os.getpid()}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
-
 
 # ------------------------------------------------------------------------- megamoe checkpoints
-
-# Readers of checkpoint formats other than one model.pt (e.g. per-rank shards of a TP x EP run
-# with global metadata). Each is fn(ckpt_dir) -> the full, consolidated state dict, or None when
-# ckpt_dir is not in its format; the first that answers wins.
-STATE_READERS: list[Callable[[str], dict | None]] = []
-
-
-def register_state_reader(reader: Callable[[str], dict | None]) -> None:
-    if reader not in STATE_READERS:
-        STATE_READERS.append(reader)
-
-
-def read_rank_shards(ckpt_dir: str) -> dict | None:
-    """The full state dict of a parallel run's sharded checkpoint (model_rank{r}.pt files, see
-    megamoe.parallel.dist_checkpoint), or None when ckpt_dir holds none. Every element of every
-    tensor must be covered by some rank file (ValueError otherwise)."""
-    if not os.path.isfile(os.path.join(ckpt_dir, "model_rank0.pt")):
-        return None
-    from megamoe.parallel.dist_checkpoint import consolidate
-
-    return consolidate(ckpt_dir)
-
-
-register_state_reader(read_rank_shards)
-
 
 def _strip_wrappers(state: dict) -> dict:
     """Drop DDP ("module.") / torch.compile ("_orig_mod.") prefixes from parameter names."""
@@ -105,35 +51,12 @@ def read_model_config(ckpt_dir: str) -> ModelConfig:
     return from_dict(ModelConfig, model, where="model.") if model is not None else ModelConfig()
 
 
-def find_checkpoint_dir(path: str) -> str:
-    """`path` itself if it is a checkpoint directory, else the latest checkpoint of an out_dir."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path!r} does not exist")
-    if os.path.isfile(os.path.join(path, "model.pt")):
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    if os.path.isfile(os.path.join(path, "config.yaml")):
-        return path  # maybe a format for one of the registered readers
-    raise ValueError(f"{path!r} is neither a megamoe checkpoint (model.pt + config.yaml) nor an "
-                     "out_dir with checkpoints/")
-
-
-def consolidate_state_dict(ckpt_dir: str) -> dict:
-    """The full state dict of a checkpoint, whatever its on-disk format."""
-    for reader in STATE_READERS:
-        state = reader(ckpt_dir)
-        if state is not None:
-            return state
-    return ckpt.load_file(ckpt_dir, "model.pt")
-
-
 def load_megamoe_state(path: str) -> tuple[ModelConfig, dict]:
     """(ModelConfig, full state dict) of a megamoe checkpoint directory or out_dir."""
-    ckpt_dir = find_checkpoint_dir(path)
+    ckpt_dir = find_checkpoint(path)
+    files.verify(ckpt_dir)
     cfg = read_model_config(ckpt_dir)
-    state = consolidate_state_dict(ckpt_dir)
+    state = consolidate(ckpt_dir)     # either format, any parallel layout
     if not isinstance(state, dict):
         raise ValueError(f"{ckpt_dir!r}: model.pt does not hold a state dict")
     return cfg, _strip_wrappers(state)
@@ -204,11 +127,11 @@ def write_megamoe(dst: str, cfg: ModelConfig, state: dict, overwrite: bool = Fal
         py_state = random.getstate()
         torch.manual_seed(train.seed)
         random.seed(train.seed)
-        rng = ckpt.rng_state()
+        rng = files.rng_state()
         random.setstate(py_state)
     trainer_state = {"step": 0, "consumed_samples": 0, "bad_steps": 0, "rng": rng}
-    with atomic_output_dir(final, overwrite) as tmp:
-        ckpt.save_checkpoint(tmp, 0, {"model.pt": state, "optimizer.pt": optimizer,
+    with atomic_dir(final, overwrite) as tmp:
+        save_checkpoint(tmp, 0, {"model.pt": state, "optimizer.pt": optimizer,
                                       "trainer.pt": trainer_state}, config=to_dict(train))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(train), f, sort_keys=False)

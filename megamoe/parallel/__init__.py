@@ -10,8 +10,9 @@ pipeline.py     apply_pp (stage partition), 1F1B / interleaved schedules, p2p ex
 pipeline_runner.py  what the trainer runs instead of its micro-batch loop when pp > 1
 data.py         gradient reduction, global grad norm, ZeRO-1 optimizer
 launch.py       torchrun / Slurm environment, init_process_group
+guard.py        collective timeouts that name the stuck process group
+agree.py        rank agreement at startup (config / data fingerprints), max over ranks
 context.py      ParallelContext (the trainer's `ctx`; LocalContext is its one-process twin)
-dist_checkpoint.py  sharded checkpoints: save, load into any layout (resharding), consolidate
 setup.py        the parallel steps of megamoe.training.build.build_training: mesh, PP/TP/EP,
                 pipeline runner, data parallel (gradient reduction or ZeRO-1)
 """

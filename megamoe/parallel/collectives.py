@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.launch import guarded   # timeouts become errors naming the group
+from megamoe.parallel.guard import guarded   # timeouts become errors naming the group
 
 
 def group_size(group) -> int:

@@ -21,7 +21,7 @@ Protocol used by the trainer:
 The single-process twin is megamoe.training.context.LocalContext; both are built by
 megamoe.training.build.build_training.
 
-Checkpoints are sharded and layout-independent (megamoe.parallel.dist_checkpoint):
+Checkpoints are sharded and layout-independent (megamoe.checkpoint.sharded):
   step_XXXXXXXX/model_rank{r}.pt, optim_rank{r}.pt, metadata.json, trainer.pt, config.yaml
 written atomically (temporary directory renamed by rank 0); they load into any layout (other
 TP/EP/ETP/DP/ZeRO/pipeline split, or a single process), and single-process ones load here.
@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from megamoe.config import to_dict
 from megamoe.parallel import collectives as C
-from megamoe.parallel import dist_checkpoint
+from megamoe.checkpoint import sharded
+from megamoe.parallel.guard import guarded
 from megamoe.parallel.mesh import ParallelMesh
 
 
@@ -79,15 +80,16 @@ class ParallelContext:
 
     def save_checkpoint(self, trainer) -> str:
         state = trainer.trainer_state()
-        return dist_checkpoint.save(trainer.cfg.out_dir, trainer.step, trainer.model, trainer.optimizer,
+        return sharded.save(trainer.cfg.out_dir, trainer.step, trainer.model, trainer.optimizer,
                                     self.mesh, state, to_dict(trainer.cfg), self.layout())
 
     def load_checkpoint(self, trainer, ckpt_dir: str) -> None:
-        trainer.load_trainer_state(dist_checkpoint.load(ckpt_dir, trainer.model, trainer.optimizer, self.mesh))
+        trainer.load_trainer_state(sharded.load(ckpt_dir, trainer.model, trainer.optimizer, self.mesh))
 
     def shutdown(self) -> None:
         if dist.is_initialized():
-            dist.barrier()
+            with guarded():
+                dist.barrier()
             dist.destroy_process_group()
 
 

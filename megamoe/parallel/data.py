@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megamoe.parallel import collectives as C
-from megamoe.parallel.launch import guarded
+from megamoe.parallel.guard import guarded
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.params import get_spec
 from megamoe.precision import accum_dtype, upcast
@@ -256,7 +256,7 @@ class ZeroOptimizer:
         if [(l["group"], l["decay"], l["shard"], l["numel"]) for l in state["layout"]] != \
                 [(l["group"], l["decay"], l["shard"], l["numel"]) for l in (b.layout() for b in self.buckets)]:
             raise ValueError("the checkpoint's ZeRO-1 shards do not match this run's layout; "
-                             "use megamoe.parallel.dist_checkpoint to load it into another layout")
+                             "use megamoe.checkpoint.sharded to load it into another layout")
         self.inner.load_state_dict(state["inner"])
         for b, master in zip(self.buckets, state["masters"]):
             b.master.copy_(master)
@@ -264,7 +264,7 @@ class ZeroOptimizer:
 
     def param_state_pieces(self) -> dict[str, dict]:
         """This rank's share of the AdamW state, per parameter name (layout-independent form for
-        megamoe.parallel.dist_checkpoint): {name: {"flat": [a, b], "step", "exp_avg",
+        megamoe.checkpoint.sharded): {name: {"flat": [a, b], "step", "exp_avg",
         "exp_avg_sq"[, "master"]}}, [a, b) being the range of the flattened local parameter that
         this rank's slice of the flat buffer covers. Masters only when the params are not fp32
         (otherwise they equal the params). Empty before the first step."""

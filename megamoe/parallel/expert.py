@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from megamoe import ops
 from megamoe.parallel import collectives as C
+from megamoe.parallel.guard import guarded
 from megamoe.parallel.params import set_spec
 
 
@@ -73,7 +74,8 @@ class AllToAllDispatcher:
         # 2. how many rows each source rank sends to each of my local experts: [ep, El]
         recv_counts = counts.clone()
         if self.ep > 1:
-            dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
+            with guarded(self.ep_group):
+                dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
         recv_counts = recv_counts.view(self.ep, self.num_local)
         send_splits = counts.view(self.ep, self.num_local).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()

@@ -22,22 +22,14 @@ Functions (for scripts and tests building on this):
   device_for(env, backend) -> torch.device  cuda:LOCAL_RANK for nccl (and selects it), else cpu
   shutdown_distributed()                    barrier + destroy_process_group
 
-Timeouts and fault messages (parallel.timeout_s applies to every group, not only the world):
+Timeouts (parallel.timeout_s applies to every group, not only the world):
   new_group(ranks, name, timeout_s) -> group  dist.new_group with timeout and group_desc=name
                                             (NCCL's watchdog prints the name in its timeout
-                                            reports; group_label() below reads it back)
-  group_label(group) -> str                 "'ep' (ranks 0,1)" for messages
-  group_timeout_s(group) -> float | None    the timeout a group was created with
-  guarded(group, timeout_s=None)            context: a timeout inside becomes a
-                                            CollectiveTimeout naming the group (gloo's own
-                                            error does not say which group hung)
-  check_config_agrees(cfg)                  all-gather a fingerprint of the config; ValueError
-                                            naming the differing fields when ranks disagree
+                                            reports; megamoe.parallel.guard names it on errors)
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import re
@@ -46,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megamoe.parallel.guard import guarded, named_collective
 
 
 @dataclass
@@ -156,7 +150,6 @@ def init_distributed(pcfg, environ=None) -> DistEnv:
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = device_for(env, backend)
-    from megamoe.training.watchdog import named_collective
     # A rank that never shows up makes the rendezvous time out after parallel.timeout_s.
     with named_collective(f"world (startup rendezvous at {env.master_addr}:{env.master_port}, "
                           f"{env.world_size} ranks)", pcfg.timeout_s):
@@ -167,7 +160,8 @@ def init_distributed(pcfg, environ=None) -> DistEnv:
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with guarded():
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -183,60 +177,5 @@ def new_group(ranks: list[int], name: str, timeout_s: float | None = None):
     return dist.new_group(ranks, timeout=timeout, group_desc=name)
 
 
-def group_label(group=None) -> str:
-    """"'ep' (ranks 0,1)": the group's name (group_desc) and global ranks, for messages."""
-    if group is None or group is dist.GroupMember.WORLD:
-        return f"'world' ({dist.get_world_size() if dist.is_initialized() else 1} ranks)"
-    name = getattr(group, "group_desc", "") or ""
-    if name in ("", "undefined"):
-        name = f"group {getattr(group, 'group_name', '?')}"
-    try:
-        ranks = ",".join(map(str, dist.get_process_group_ranks(group)))
-    except (RuntimeError, ValueError):
-        return f"{name!r}"
-    return f"{name!r} (ranks {ranks})"
-
-
-def group_timeout_s(group=None) -> float | None:
-    """The collective timeout (seconds) `group` (default: the world) was created with."""
-    pg = dist.GroupMember.WORLD if group is None else group
-    for device in (torch.device("cpu"), torch.device("cuda")):
-        try:
-            return pg._get_backend(device).options._timeout.total_seconds()
-        except (RuntimeError, AttributeError, ValueError):
-            continue
-    return None
-
-
-@contextlib.contextmanager
-def guarded(group=None, timeout_s: float | None = None):
-    """Run collectives on `group`; a timeout becomes a CollectiveTimeout naming the group:
-
-        with guarded(mesh.group("ep")):
-            dist.all_to_all_single(out, inp, group=mesh.group("ep"))
-
-    gloo's own error ("Timed out waiting 600000ms for recv operation") says neither which group
-    nor which setting. With NCCL the watchdog usually ends the process first; its report names
-    the group too, because new_group() sets group_desc. Costs nothing until an error: the label
-    and the timeout are looked up only then."""
-    from megamoe.training.watchdog import collective_timeout, is_collective_timeout
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 - backends raise RuntimeError / DistBackendError / ...
-        if not is_collective_timeout(err):
-            raise
-        raise collective_timeout(group_label(group), timeout_s or group_timeout_s(group), err) from err
-
-
-def check_config_agrees(cfg, group=None, timeout_s: float | None = None) -> None:
-    """All ranks must train the same config: all-gather a fingerprint of every field and raise
-    ValueError naming the differing fields (e.g. "config differs on rank 1 (model.d_model=256
-    vs 128 on rank 0)"). No-op without torch.distributed."""
-    from megamoe.training.watchdog import check_ranks_agree, config_fingerprint
-    check_ranks_agree({"config": config_fingerprint(cfg)}, group=group,
-                      timeout_s=timeout_s or cfg.parallel.timeout_s)
-
-
 __all__ = ["DistEnv", "detect_env", "first_host", "parse_first_host", "port_from_job_id",
-           "resolve_backend", "device_for", "init_distributed", "shutdown_distributed",
-           "new_group", "group_label", "group_timeout_s", "guarded", "check_config_agrees"]
+           "resolve_backend", "device_for", "init_distributed", "shutdown_distributed", "new_group"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.launch import guarded
+from megamoe.parallel.guard import guarded
 
 
 # ------------------------------------------------------------------------------------ partition

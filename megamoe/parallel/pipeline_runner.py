@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel.guard import guarded
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.params import set_spec
 from megamoe.parallel.pipeline import PipelineExecutor, stage_chunks
@@ -60,7 +61,8 @@ class PipelineRunner:
                                             forward_context=trainer.autocast)
         total = (torch.stack(losses).sum().to(trainer.stats_dtype) if losses
                  else torch.zeros((), dtype=trainer.stats_dtype, device=trainer.device))
-        dist.all_reduce(total, group=self.mesh.group("pp"))
+        with guarded(self.mesh.group("pp")):
+            dist.all_reduce(total, group=self.mesh.group("pp"))
         return total / len(batches)
 
     def sync_tied_grads(self) -> None:
@@ -70,7 +72,8 @@ class PipelineRunner:
         w = self.tied_weight
         if w.grad is None:
             w.grad = torch.zeros_like(w)
-        dist.all_reduce(w.grad, group=self.mesh.group("embed"))
+        with guarded(self.mesh.group("embed")):
+            dist.all_reduce(w.grad, group=self.mesh.group("embed"))
 
 
 __all__ = ["PipelineRunner"]

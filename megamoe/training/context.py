@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megamoe.config import to_dict
 from megamoe.precision import accum_dtype, upcast
-from megamoe.training import checkpoint as ckpt
+from megamoe.checkpoint import files, single
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ class MicroBatchLoop:
 
 
 class LocalContext:
-    """One process: nothing to reduce; checkpoints are single-process files (training/checkpoint.py)."""
+    """One process: nothing to reduce; checkpoints in the single-process format (megamoe.checkpoint.single)."""
 
     rank, world_size, dp_rank, dp_size, is_main = 0, 1, 0, 1, True
 
@@ -71,13 +71,13 @@ class LocalContext:
         return t.detach()
 
     def save_checkpoint(self, trainer) -> str:
-        files = {"model.pt": trainer.model.state_dict(), "optimizer.pt": trainer.optimizer.state_dict(),
-                 "trainer.pt": {**trainer.trainer_state(), "rng": ckpt.rng_state()}}
-        return ckpt.save_checkpoint(trainer.cfg.out_dir, trainer.step, files, to_dict(trainer.cfg))
+        state = {"model.pt": trainer.model.state_dict(), "optimizer.pt": trainer.optimizer.state_dict(),
+                 "trainer.pt": {**trainer.trainer_state(), "rng": files.rng_state()}}
+        return single.save_checkpoint(trainer.cfg.out_dir, trainer.step, state, to_dict(trainer.cfg))
 
     def load_checkpoint(self, trainer, ckpt_dir: str) -> None:
         # a single-process checkpoint, or a sharded one from any parallel layout
-        trainer.load_trainer_state(ckpt.load_training_state(ckpt_dir, trainer.model, trainer.optimizer))
+        trainer.load_trainer_state(single.load_training_state(ckpt_dir, trainer.model, trainer.optimizer))
 
     def shutdown(self) -> None:
         pass

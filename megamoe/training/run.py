@@ -51,7 +51,7 @@ class AgreedStop:
     def __call__(self) -> bool:
         signum = self.flag.signal or 0
         if self.distributed:
-            from megamoe.training.watchdog import max_over_ranks
+            from megamoe.parallel.agree import max_over_ranks
             signum = max_over_ranks(signum, self.device)
         self.signal = signum or None
         return self.signal is not None
@@ -107,7 +107,8 @@ def main(argv: list[str]) -> int:
 
     if world_size > 1:
         from megamoe.parallel.launch import init_distributed
-        from megamoe.training.watchdog import check_ranks_agree, config_fingerprint, named_collective
+        from megamoe.parallel.agree import check_ranks_agree, config_fingerprint
+        from megamoe.parallel.guard import named_collective
         # A rank that never shows up makes the rendezvous time out after parallel.timeout_s.
         with named_collective("world (startup rendezvous)", cfg.parallel.timeout_s):
             init_distributed(cfg.parallel)
@@ -121,7 +122,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; raise model.vocab_size")
     if world_size > 1:  # every rank must read the same samples (a stale cache, another corpus...)
-        from megamoe.training.watchdog import dataset_fingerprint
+        from megamoe.parallel.agree import dataset_fingerprint
         check_ranks_agree({"train data": dataset_fingerprint(train_ds),
                            "valid data": dataset_fingerprint(valid_ds)}, timeout_s=cfg.parallel.timeout_s)
     trainer = Trainer(run, train_ds, valid_ds)

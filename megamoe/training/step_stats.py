@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.model.transformer import is_moe_layer
+from megamoe.parallel.guard import guarded
 
 CE, AUX, LB, Z, DROPPED, EVENTS = range(6)
 
@@ -59,7 +60,8 @@ class StepStats:
         if group is None or dist.get_world_size(group) == 1:
             return
         flat = torch.cat([self.scalars, self.load.reshape(-1)])
-        dist.all_reduce(flat, group=group)
+        with guarded(group):
+            dist.all_reduce(flat, group=group)
         self.scalars.copy_(flat[:6])
         self.load.copy_(flat[6:].view_as(self.load))
 

@@ -23,8 +23,7 @@ import torch
 
 from megamoe.data.sampler import rank_micro_batches
 from megamoe.model.transformer import flops_per_token
-from megamoe.training import checkpoint as ckpt
-from megamoe.training.context import cross_entropy
+from megamoe.checkpoint import CheckpointError, newest_checkpoint, previous_checkpoint, set_rng_state
 from megamoe.training.logging_backends import build_sinks
 from megamoe.training.metrics import JsonlLogger, device_peak_flops, format_console, host_rss_gib
 from megamoe.training.schedule import lr_at
@@ -180,22 +179,35 @@ class Trainer:
     def load(self, ckpt_dir: str) -> None:
         self.ctx.load_checkpoint(self, ckpt_dir)
 
+    def resume(self) -> None:
+        """Continue from cfg.resume_from, or from the newest *complete* checkpoint of out_dir
+        (whatever `latest` says). A missing, truncated or unreadable file stops the run with one
+        line naming it and the previous complete checkpoint to resume from instead."""
+        cfg = self.cfg
+        target = cfg.resume_from or (newest_checkpoint(cfg.out_dir) if cfg.resume else None)
+        if not target:
+            return
+        try:
+            self.load(target)
+        except CheckpointError as err:
+            older = previous_checkpoint(target)
+            hint = (f"; to resume from the previous complete checkpoint pass --resume_from {older}" if older
+                    else "; move it away to start from scratch")
+            raise CheckpointError(f"{err}{hint}") from None
+        if self.is_main:
+            print(f"resumed from {target} at step {self.step}", flush=True)
+
     def load_trainer_state(self, state: dict) -> None:
         self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
         if "rng" in state:
-            ckpt.set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------------------------ loop
     def train(self, stop_requested=lambda: False) -> list[dict]:
         """Run until cfg.steps; returns the per-step records. `stop_requested()` is polled after
         each step (signal handling): when it turns true, save and return early."""
         cfg = self.cfg
-        if cfg.resume:
-            latest = ckpt.latest_checkpoint(cfg.out_dir)
-            if latest is not None:
-                self.load(latest)
-                if self.is_main:
-                    print(f"resumed from {latest} at step {self.step}", flush=True)
+        self.resume()
         bar = None
         # Only on a terminal: in a log file (Slurm, CI, a pipe) every update would be a \r line.
         from megamoe.training.metrics import progress_bar_wanted

@@ -24,7 +24,7 @@ from megamoe.cli import main as cli_main
 from megamoe.config import MoEConfig, preset
 from megamoe.model.transformer import build_model
 from megamoe.moe.layer import MoELayer
-from megamoe.training import checkpoint as ckpt
+from megamoe import checkpoint as ckpt
 from megamoe.training.trainer import Trainer
 from megamoe.training.build import build_training
 
@@ -264,7 +264,7 @@ def test_parallel_checkpoint_is_merged(tmp_path, parallel):
         port = sock.getsockname()[1]
     mp.start_processes(_save_parallel_checkpoint, args=(port, str(tmp_path), parallel), nprocs=2, join=True,
                        start_method="fork")
-    ckpt_dir = ckpt.latest_checkpoint(str(tmp_path))
+    ckpt_dir = ckpt.newest_checkpoint(str(tmp_path))
     assert sorted(f for f in os.listdir(ckpt_dir) if f.startswith("model_")) == ["model_rank0.pt",
                                                                               "model_rank1.pt"]
     model, cfg, _, step = routing.load_checkpoint_model(str(tmp_path))
@@ -288,8 +288,8 @@ def one_line_error(capsys, argv) -> str:
 def test_user_errors_are_one_line(trained, tmp_path, capsys):
     run, cfg = trained
     npy = str(run / "low.npy")
-    assert "is not a directory" in one_line_error(capsys, [str(tmp_path / "nope"), "--tokens-npy", npy])
-    assert "neither a checkpoint" in one_line_error(capsys, [str(tmp_path), "--tokens-npy", npy])
+    assert "does not exist" in one_line_error(capsys, [str(tmp_path / "nope"), "--tokens-npy", npy])
+    assert "neither a megamoe checkpoint" in one_line_error(capsys, [str(tmp_path), "--tokens-npy", npy])
     assert "give at least one dataset" in one_line_error(capsys, [str(run)])
     assert "not found" in one_line_error(capsys, [str(run), "--tokens-npy", str(tmp_path / "x.npy")])
     np.save(tmp_path / "big.npy", np.full(64, VOCAB + 5))
@@ -323,4 +323,4 @@ def test_tool_script_missing_checkpoint(tmp_path):
                          capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "missing_ckpt" in lines[0] and "is not a directory" in lines[0], res.stderr
+    assert len(lines) == 1 and "missing_ckpt" in lines[0] and "does not exist" in lines[0], res.stderr

@@ -4,7 +4,7 @@ import torch
 
 from megamoe.config import ModelConfig, MoEConfig, TrainConfig, to_dict
 from megamoe.model.transformer import build_model
-from megamoe.training.checkpoint import save_checkpoint
+from megamoe.checkpoint import save_checkpoint
 
 VOCAB, SEQ = 96, 16
 _BASE = dict(vocab_size=VOCAB, d_model=32, num_layers=3, num_heads=4, ffn_hidden=48, seq_length=SEQ,

@@ -157,7 +157,7 @@ def test_tokenizer_files_and_special_ids(tmp_path):
 
 def test_converted_checkpoint_continues_training(tmp_path):
     """from-hf writes an out_dir that `megamoe train --config <dst>/config.yaml` resumes."""
-    from megamoe.training import checkpoint as ckpt
+    from megamoe import checkpoint as ckpt
     from megamoe.training.trainer import Trainer
     from megamoe.training.build import build_training
 
@@ -173,7 +173,7 @@ def test_converted_checkpoint_continues_training(tmp_path):
     model = build_model(cfg.model, seed=123)  # a different init: resume must replace it
     rows = [torch.randint(0, 96, (17,)).numpy() for _ in range(4)]
     trainer = Trainer(build_training(cfg, model, device=torch.device("cpu"), verbose=False), rows)
-    trainer.load(ckpt.latest_checkpoint(cfg.out_dir))
+    trainer.load(ckpt.newest_checkpoint(cfg.out_dir))
     x = tokens()
     with torch.no_grad():
         assert max_diff(model.eval()(x), hf(x).logits) < TOL

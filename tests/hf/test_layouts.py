@@ -196,38 +196,6 @@ def test_failed_conversion_leaves_no_output(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
-def test_registered_state_reader_feeds_the_converter(tmp_path):
-    """Hook for the parallel checkpoint format: a reader that consolidates per-rank shards into
-    a full state dict makes the converter accept those directories unchanged."""
-    cfg, model = megamoe_model("qwen2_moe")
-    single = save_megamoe(tmp_path / "single", cfg, model)
-    sharded = tmp_path / "sharded"
-    sharded.mkdir()
-    (sharded / "config.yaml").write_text(open(os.path.join(single, "config.yaml")).read())
-    state = model.state_dict()
-    names = sorted(state)
-    for rank in range(2):  # a stand-in format: every other tensor per "rank"
-        torch.save({k: state[k] for k in names[rank::2]}, sharded / f"rank{rank}.pt")
-
-    def reader(ckpt_dir):
-        files = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("rank"))
-        if not files:
-            return None
-        full = {}
-        for f in files:
-            full.update(torch.load(os.path.join(ckpt_dir, f), weights_only=True))
-        return full
-
-    hf_io.register_state_reader(reader)
-    try:
-        megamoe_to_hf(single, str(tmp_path / "a"))
-        megamoe_to_hf(str(sharded), str(tmp_path / "b"))
-    finally:
-        hf_io.STATE_READERS.remove(reader)
-    for name in ("config.json", "model.safetensors"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-
-
 def _free_port() -> int:
     import socket
 

@@ -136,7 +136,7 @@ def train_configs(rank, world_size, runs: list[tuple[str, dict]], out_root: str)
     Returns {label: (losses, full params, extra)} on rank 0. Labels listed in RESUME_CHECK also
     save at step STEPS//2 and are then resumed from that checkpoint in fresh objects; extra
     holds the resumed run's losses and the checkpoint's file names."""
-    from megamoe.training import checkpoint as ckpt
+    from megamoe import checkpoint as ckpt
     from megamoe.training.build import build_training
     from megamoe.training.trainer import Trainer
 

@@ -19,9 +19,10 @@ import torch.multiprocessing as mp
 import parallel_harness as H
 from megamoe.cli import main as cli_main
 from megamoe.model.transformer import build_model
-from megamoe.parallel import dist_checkpoint as dc
+from megamoe.checkpoint import reshard, sharded, sources
+from megamoe.checkpoint.consolidate import consolidate
 from megamoe.parallel.params import full_index, local_to_global_indices, sharded_index
-from megamoe.training import checkpoint as ckpt
+from megamoe import checkpoint as ckpt
 from megamoe.training.trainer import Trainer
 from megamoe.training.build import build_training
 
@@ -153,17 +154,17 @@ def test_pipeline_tied_checkpoints_reshard_both_ways(runs, tmp_path):
     assert_close(resume_single(step_dir(runs.pp_sharded, SAVE_AT), str(tmp_path), tied=True),
                  runs.pp_original[SAVE_AT:], "PP2 step 10 -> one process")
     assert_close(runs.pp_from_single, runs.ref_tied[SAVE_AT:], "single step 10 -> PP2xTP2")
-    meta = dc.open_source(step_dir(runs.pp_sharded, SAVE_AT)).meta["tensors"]
+    meta = sources.open_source(step_dir(runs.pp_sharded, SAVE_AT)).meta["tensors"]
     assert meta["embed.weight"]["model_ranks"] == [0] and meta["lm_head.weight"]["model_ranks"] == [2]
-    full = dc.consolidate(step_dir(runs.pp_sharded, SAVE_AT))
+    full = consolidate(step_dir(runs.pp_sharded, SAVE_AT))
     assert full["lm_head.weight"] is full["embed.weight"]
 
 
 def test_checkpoint_files_and_metadata(runs):
     d = step_dir(runs.sharded, SAVE_AT)
-    assert sorted(os.listdir(d)) == sorted(["config.yaml", "metadata.json", "trainer.pt"]
+    assert sorted(os.listdir(d)) == sorted(["COMPLETE", "config.yaml", "metadata.json", "trainer.pt"]
                                            + [f"{k}_rank{r}.pt" for k in ("model", "optim") for r in range(4)])
-    meta = dc.open_source(d).meta
+    meta = sources.open_source(d).meta
     assert meta["layout"]["tp"] == 2 and meta["world_size"] == 4
     shapes = {k: list(v.shape) for k, v in runs.ref_state.items()}
     assert {k: v["shape"] for k, v in meta["tensors"].items()} == shapes
@@ -174,7 +175,7 @@ def test_checkpoint_files_and_metadata(runs):
 # ---------------------------------------------------------------------------- consolidation
 
 def test_consolidate_equals_single_process_state(runs):
-    full = dc.consolidate(step_dir(runs.sharded, STEPS))
+    full = consolidate(step_dir(runs.sharded, STEPS))
     assert set(full) == set(runs.ref_state)
     for name, ref in runs.ref_state.items():
         err = (full[name] - ref).abs().max().item()
@@ -184,7 +185,7 @@ def test_consolidate_equals_single_process_state(runs):
 def test_consolidated_directory_resumes_in_one_process(runs, tmp_path):
     dst = tmp_path / "single_ckpt"
     assert cli_main(["consolidate", step_dir(runs.sharded, SAVE_AT), str(dst)]) == 0
-    assert sorted(os.listdir(dst)) == ["config.yaml", "model.pt", "optimizer.pt", "trainer.pt"]
+    assert sorted(os.listdir(dst)) == ["COMPLETE", "config.yaml", "model.pt", "optimizer.pt", "trainer.pt"]
     cfg = cfg_for(str(tmp_path / "run"))
     t = single_trainer(cfg)
     t.save = lambda: None
@@ -213,7 +214,7 @@ def test_kill_during_checkpoint_write_keeps_previous(runs, tmp_path):
     assert (root / "latest").read_text() == "step_00000005"
     assert ckpt.list_checkpoints(str(out)) == ["step_00000005"]
     assert (root / ".step_00000010.tmp").is_dir()              # the half-written one
-    losses = resume_single(ckpt.latest_checkpoint(str(out)), str(out), save_interval=5)
+    losses = resume_single(ckpt.newest_checkpoint(str(out)), str(out), save_interval=5)
     assert_close(losses, runs.ref[5:], "resume after kill -9")
     assert sorted(os.listdir(root)) == ["latest", "step_00000005", "step_00000010", "step_00000015"]
 
@@ -250,7 +251,7 @@ def test_assemble_any_slice_from_any_shards(src, dst):
     pieces = [(ix, None, _take(g, ix)) for ix in PATTERNS[src]()]
     pieces += pieces[:1]                                     # a replica changes nothing
     for ix in PATTERNS[dst]():
-        assert torch.equal(dc.assemble(pieces, ix, None, "w"), _take(g, ix)), (src, dst, ix)
+        assert torch.equal(reshard.assemble(pieces, ix, None, "w"), _take(g, ix)), (src, dst, ix)
 
 
 def test_assemble_flat_zero1_pieces_and_gaps():
@@ -262,14 +263,14 @@ def test_assemble_flat_zero1_pieces_and_gaps():
         cuts = [0, 5, 29, flat.numel()]
         pieces += [(ix, [a, b], flat[a:b].clone()) for a, b in zip(cuts, cuts[1:])]
     for ix in PATTERNS["dim1/3"]() + PATTERNS["ep1xetp4"]():
-        assert torch.equal(dc.assemble(pieces, ix, torch.float64, "w"), _take(g, ix).double())
+        assert torch.equal(reshard.assemble(pieces, ix, torch.float64, "w"), _take(g, ix).double())
     with pytest.raises(ValueError, match="ZeRO-1 state"):
-        dc.assemble(pieces[1:], full_index(g.shape), None, "w")
+        reshard.assemble(pieces[1:], full_index(g.shape), None, "w")
     whole = [(ix, None, _take(g, ix)) for ix in shards[1:]]
     with pytest.raises(ValueError, match="does not cover all"):
-        dc.assemble(whole, full_index(g.shape), None, "w")
-    assert dc.assemble([], full_index(g.shape), None, "w") is None
-    scalar = dc.assemble([((), None, torch.tensor(3.0))], (), None, "s")
+        reshard.assemble(whole, full_index(g.shape), None, "w")
+    assert reshard.assemble([], full_index(g.shape), None, "w") is None
+    scalar = reshard.assemble([((), None, torch.tensor(3.0))], (), None, "s")
     assert scalar.shape == () and float(scalar) == 3.0
 
 
@@ -284,7 +285,7 @@ def test_tied_head_copy_loads_from_tied_checkpoint(tmp_path):
     model = build_model(cfg.model, seed=1)
     model.lm_head.weight = torch.nn.Parameter(model.embed.weight.detach().clone())
     optimizer = torch.optim.AdamW(model.parameters())
-    dc.load(step_dir(tmp_path, 1), model, optimizer)
+    sharded.load(step_dir(tmp_path, 1), model, optimizer)
     embed = src.model.embed.weight
     assert torch.equal(model.lm_head.weight, embed) and torch.equal(model.embed.weight, embed)
     want = src.optimizer.state[embed]["exp_avg"]

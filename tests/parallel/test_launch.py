@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamoe.config import ParallelConfig, preset
-from megamoe.parallel import launch
+from megamoe.parallel import agree, guard, launch
 from megamoe.parallel.launch import DistEnv, detect_env, parse_first_host, port_from_job_id
 
 NODELISTS = [
@@ -163,23 +163,23 @@ def _worker(rank, port, out_dir):
            "MASTER_PORT": str(port)}
     got = launch.init_distributed(ParallelConfig(backend="gloo", timeout_s=TIMEOUT_S), environ=env)
     res["env"] = (got.rank, got.world_size, got.launcher, dist.get_rank(), dist.get_world_size())
-    res["world_timeout"] = launch.group_timeout_s()
+    res["world_timeout"] = guard.group_timeout_s()
     g = launch.new_group([0, 1], "ep", timeout_s=5)
-    res["group_timeout"] = launch.group_timeout_s(g)
-    res["group_label"] = launch.group_label(g)
-    with launch.guarded(g):                       # a working collective passes through
+    res["group_timeout"] = guard.group_timeout_s(g)
+    res["group_label"] = guard.group_label(g)
+    with guard.guarded(g):                       # a working collective passes through
         t = torch.ones(1)
         dist.all_reduce(t, group=g)
         res["sum"] = float(t)
 
     # Same config: no error. Another d_model on rank 1: both ranks get the same ValueError.
-    launch.check_config_agrees(_cfg())
+    agree.check_config_agrees(_cfg())
     try:
-        launch.check_config_agrees(_cfg(d_model=64 if rank == 0 else 96))
+        agree.check_config_agrees(_cfg(d_model=64 if rank == 0 else 96))
         res["config_error"] = None
     except ValueError as err:
         res["config_error"] = str(err)
-    from megamoe.training.watchdog import check_ranks_agree, dataset_fingerprint
+    from megamoe.parallel.agree import check_ranks_agree, dataset_fingerprint
     data = [[1, 2, 3], [4, 5, 6]] if rank == 0 else [[1, 2, 3], [4, 5, 7]]
     try:
         check_ranks_agree({"train data": dataset_fingerprint(data)})
@@ -195,7 +195,7 @@ def _worker(rank, port, out_dir):
     if rank == 0:
         t0 = time.monotonic()
         try:
-            with launch.guarded(stuck):
+            with guard.guarded(stuck):
                 dist.all_reduce(torch.ones(1), group=stuck)
             res["stuck"] = None
         except Exception as err:  # noqa: BLE001
@@ -254,7 +254,7 @@ def _mesh_worker(rank, port, out_dir):
     env = {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     launch.init_distributed(ParallelConfig(backend="gloo", timeout_s=TIMEOUT_S), environ=env)
     mesh = ParallelMesh(make_layout(2, 1, 1, 2, 2, 1), rank, timeout_s=TIMEOUT_S)
-    res = {name: (launch.group_timeout_s(mesh.group(name)), launch.group_label(mesh.group(name)))
+    res = {name: (guard.group_timeout_s(mesh.group(name)), guard.group_label(mesh.group(name)))
            for name in ("dp", "ep", "tp")}
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

@@ -131,5 +131,5 @@ def test_resume_from_parallel_checkpoint(results):
     losses, _, extra = results(4)["tp2xdp2xep2_sp_zero1"]
     assert extra["resumed_losses"] == losses[10:]
     assert sorted(extra["ckpt_files"]) == sorted(
-        ["config.yaml", "metadata.json", "trainer.pt"] + [f"model_rank{r}.pt" for r in range(4)]
+        ["COMPLETE", "config.yaml", "metadata.json", "trainer.pt"] + [f"model_rank{r}.pt" for r in range(4)]
         + [f"optim_rank{r}.pt" for r in range(4)])

@@ -142,9 +142,7 @@ def resume_losses(rank, world_size, ckpt_dir, out_dir, parallel):
     from megamoe.training.build import build_training
 
     cfg = make_cfg(out_dir, 4, False, **parallel)
-    run = build_training(cfg, verbose=False)
-    model = run.model
-    trainer = Trainer(run, H.synthetic_ds(), valid_ds())
+    trainer = Trainer(build_training(cfg, verbose=False), H.synthetic_ds(), valid_ds())
     trainer.save = lambda: None
     trainer.load(ckpt_dir)
     return [h["loss"] for h in trainer.train()]
@@ -154,7 +152,7 @@ def test_tp2xpp2xep2_checkpoint_resumes_under_ep4_and_in_one_process(results, tm
     """Save under TP2 x PP2 x EP2 (8 ranks, ZeRO-1, SP); load under TP1 x EP4 x PP1 (4 ranks,
     plain AdamW) and in one process: the next steps equal the uninterrupted run's."""
     from megamoe.model.transformer import build_model
-    from megamoe.training import checkpoint as ckpt
+    from megamoe import checkpoint as ckpt
     from megamoe.training.trainer import Trainer
     from megamoe.training.build import build_training
 

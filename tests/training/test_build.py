@@ -100,14 +100,14 @@ def _fp8_worker(rank, world_size, out_dir):
 def test_fp8_under_dp2_ep2_zero1_trains_reduces_and_checkpoints_every_te_parameter(fake_te, tmp_path):
     """The bug this guards: TE linears swapped in after ZeRO-1 had flattened the old ones were
     never reduced, stepped or checkpointed."""
-    from megamoe.parallel import dist_checkpoint as dc
+    from megamoe.checkpoint.consolidate import consolidate
     out = H.spawn(2, _fp8_worker, str(tmp_path))
     assert out["te_linears"] and not out["unchanged"], out["unchanged"]
     rank0, rank1 = out["te_params"]
     assert rank0.keys() == rank1.keys() and rank0
     for name in rank0:   # data-parallel replicas saw different data: equal only if reduced
         assert torch.equal(rank0[name], rank1[name]), name
-    full = dc.consolidate(out["ckpt"])
+    full = consolidate(out["ckpt"])
     for name, value in rank0.items():
         assert torch.equal(full[name], value), name
 

@@ -11,7 +11,7 @@ import torch
 
 from megamoe.config import preset
 from megamoe.model.transformer import build_model
-from megamoe.training import checkpoint as ckpt
+from megamoe import checkpoint as ckpt
 from megamoe.training.trainer import Trainer
 from megamoe.training.build import build_training
 
@@ -63,7 +63,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 
     killed = run_script(str(tmp_path / "resumed"), kill_at=3)
     assert killed.returncode == -9  # really killed
-    assert ckpt.latest_checkpoint(str(tmp_path / "resumed")).endswith("step_00000003")
+    assert ckpt.newest_checkpoint(str(tmp_path / "resumed")).endswith("step_00000003")
     resumed = run_script(str(tmp_path / "resumed"), kill_at=-1)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.strip().splitlines()[-1]) == full_losses[3:]
@@ -74,8 +74,8 @@ def test_checkpoint_has_everything_and_loads_weights_only(tmp_path):
     cfg.steps = 2
     t = Trainer(build_training(cfg, build_model(cfg.model, seed=0), device=torch.device("cpu"), verbose=False), synthetic_ds())
     t.train()
-    latest = ckpt.latest_checkpoint(str(tmp_path))
-    assert sorted(os.listdir(latest)) == ["config.yaml", "model.pt", "optimizer.pt", "trainer.pt"]
+    latest = ckpt.newest_checkpoint(str(tmp_path))
+    assert sorted(os.listdir(latest)) == ["COMPLETE", "config.yaml", "model.pt", "optimizer.pt", "trainer.pt"]
     state = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
     assert state["step"] == 2 and state["consumed_samples"] == 8
 
@@ -84,7 +84,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     ckpt.save_checkpoint(str(tmp_path), 1, {"model.pt": {"w": torch.ones(2)}})
     # a crashed writer leaves only a hidden temp dir behind
     os.makedirs(tmp_path / "checkpoints" / ".step_00000002.tmp-123")
-    latest = ckpt.latest_checkpoint(str(tmp_path))
+    latest = ckpt.newest_checkpoint(str(tmp_path))
     assert latest.endswith("step_00000001")
     assert ckpt.list_checkpoints(str(tmp_path)) == ["step_00000001"]
 
