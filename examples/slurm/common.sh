@@ -4,8 +4,12 @@
 #   megamoe_setup           defaults for the env-var parameters, MASTER_ADDR / MASTER_PORT, threads;
 #                           traps USR1 / TERM from here on (see megamoe_trap_signals)
 #   megamoe_train_args      the `python -m megamoe train` arguments (array TRAIN_ARGS)
-#   megamoe_run_requeueable run a launcher (srun ...) so that a stop signal ends in a checkpoint
-#                           and a requeue, and a finished or crashed run does not requeue
+#   megamoe_run_requeueable run a launcher (srun ... bash examples/slurm/task.sh ...) so that a
+#                           stop signal ends in a checkpoint and a requeue, a finished or crashed
+#                           run does not requeue, and a failed run ends with the exit code of the
+#                           task that failed first (see task.sh), not srun's highest one
+#   megamoe_check_time_limit  warns at start when the time limit leaves (almost) no training time
+#                           before the stop signal (#SBATCH --signal=B:USR1@<offset>)
 #
 # The stop / requeue protocol:
 #   1. Slurm signals before the time limit (#SBATCH --signal=B:USR1@120 signals this batch shell;
@@ -50,6 +54,56 @@ megamoe_setup() {
     megamoe_log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES:-1} node(s)" \
         "[${SLURM_JOB_NODELIST}], ${SLURM_NTASKS:-?} task(s), master ${MASTER_ADDR}:${MASTER_PORT}," \
         "config ${CONFIG:-<preset>}, out_dir ${OUT_DIR}"
+    megamoe_check_time_limit
+}
+
+# ------------------------------------------------------------------ time limit vs. stop signal
+
+_megamoe_seconds() {  # Slurm duration ([D-]HH:MM:SS, MM:SS, MM) -> seconds; fails if none
+    local t=$1 days=0 h=0 m=0 sec=0
+    case "$t" in *[!0-9:-]*|"") return 1 ;; esac   # UNLIMITED, Partition_Limit, NOT_SET...
+    if [[ $t == *-* ]]; then days=${t%%-*}; t=${t#*-}; fi
+    IFS=: read -r -a parts <<< "$t"
+    case ${#parts[@]} in
+        3) h=${parts[0]}; m=${parts[1]}; sec=${parts[2]} ;;
+        2) if [ "$days" != 0 ]; then h=${parts[0]}; m=${parts[1]}; else m=${parts[0]}; sec=${parts[1]}; fi ;;
+        1) if [ "$days" != 0 ]; then h=${parts[0]}; else m=${parts[0]}; fi ;;
+        *) return 1 ;;
+    esac
+    echo $(( ((10#$days * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$sec ))
+}
+
+megamoe_signal_spec() {  # the job's --signal: $SBATCH_SIGNAL, else the batch script's #SBATCH line
+    # Slurm does not tell a job its --signal; a `sbatch --signal=...` given on the command line
+    # is not visible here (SBATCH_SIGNAL=B:USR1@120 sbatch ... is, and sbatch honours it too).
+    if [ -n "${SBATCH_SIGNAL:-}" ]; then
+        echo "$SBATCH_SIGNAL"
+    else
+        sed -n 's/^#SBATCH[[:space:]]\{1,\}--signal[=[:space:]]\{1,\}\([^[:space:]]*\).*/\1/p' \
+            "${MEGAMOE_BATCH_SCRIPT:-$0}" 2>/dev/null | tail -n 1
+    fi
+}
+
+megamoe_check_time_limit() {
+    # A stop signal due before the job has had time to train (e.g. --time=2 with B:USR1@120)
+    # makes every allocation start, train a few seconds, save and requeue: say so at start.
+    local spec offset sig limit_s limit window
+    spec=$(megamoe_signal_spec)
+    [ -n "$spec" ] || return 0
+    offset=60                                     # Slurm's default when @offset is left out
+    [[ $spec == *@* ]] && offset=${spec##*@}
+    sig=${spec%@*}; sig=${sig#*:}
+    [[ $offset =~ ^[0-9]+$ ]] || return 0
+    limit=$(scontrol show job "${SLURM_JOB_ID:-}" 2>/dev/null | sed -n 's/.*TimeLimit=\([^[:space:]]*\).*/\1/p')
+    limit_s=$(_megamoe_seconds "$limit") || return 0
+    window=$(( limit_s - offset ))
+    # Slurm may send the signal up to 60 s early; under ~3 minutes a requeue cycle is mostly
+    # start-up and checkpointing.
+    if [ "$window" -lt "${MEGAMOE_MIN_TRAIN_S:-180}" ]; then
+        megamoe_log "WARNING: time limit ${limit_s} s, stop signal SIG${sig} ${offset} s before the end" \
+            "(--signal=${spec}): that leaves $(( window > 0 ? window : 0 )) s of training per allocation" \
+            "(Slurm may signal up to 60 s earlier) before it saves and requeues; raise --time or lower the offset"
+    fi
 }
 
 megamoe_train_args() {
@@ -83,9 +137,24 @@ megamoe_trap_signals() {
     trap '_megamoe_forward TERM' TERM
 }
 
+# ----------------------------------------------------------------- which task failed first
+
+megamoe_first_failure() {  # dir -> "<exit code> <task>" of the first task that failed by itself
+    # task.sh notes "<end ns> <code> <TERM|->" per failed task. Tasks that got SIGTERM were
+    # stopped (by srun after another task failed, or by a cancel), so they do not count.
+    local f
+    for f in "$1"/task_*; do
+        [ -f "$f" ] || continue
+        printf '%s %s\n' "$(cat "$f")" "${f##*/task_}"
+    done | awk '$3 != "TERM" && $2 != 0 {print $1, $2, $4}' | sort -n | head -n 1 | cut -d' ' -f2-
+}
+
 megamoe_run_requeueable() {  # launcher command...
-    local state_file="$OUT_DIR/run_state.json" pid rc state step signum
+    local state_file="$OUT_DIR/run_state.json" pid rc state step signum first
     rm -f "$state_file"  # a stale file from an earlier run must not trigger a requeue
+    # Where task.sh notes failed tasks (OUT_DIR is on a file system every node sees).
+    export MEGAMOE_TASK_EXITS="$OUT_DIR/.task_exits"
+    rm -rf "$MEGAMOE_TASK_EXITS" && mkdir -p "$MEGAMOE_TASK_EXITS"
     MEGAMOE_CHILD=""
     megamoe_trap_signals
     if [ -n "${MEGAMOE_SIGNALLED:-}" ]; then
@@ -110,6 +179,14 @@ megamoe_run_requeueable() {  # launcher command...
     state=$(sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p' "$state_file" 2>/dev/null)
     step=$(sed -n 's/.*"step": *\([0-9]*\).*/\1/p' "$state_file" 2>/dev/null)
     signum=$(sed -n 's/.*"signal": *\([0-9]*\).*/\1/p' "$state_file" 2>/dev/null)
+    if [ "$rc" != 0 ]; then
+        first=$(megamoe_first_failure "$MEGAMOE_TASK_EXITS")
+        if [ -n "$first" ] && [ "${first%% *}" != "$rc" ]; then
+            megamoe_log "task ${first#* } failed first, with exit code ${first%% *} (the launcher" \
+                "returned $rc, the highest code of all tasks, those it stopped after the failure included)"
+            rc=${first%% *}
+        fi
+    fi
     megamoe_log "training exited with code $rc, state '${state:-unknown}' at step ${step:-?}"
     if { [ "$state" = stopped ] && [ "$signum" = "$(kill -l USR1)" ]; } \
             || { [ "$MEGAMOE_SIGNALLED" = USR1 ] && [ "$state" != finished ]; }; then

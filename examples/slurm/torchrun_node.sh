@@ -7,10 +7,11 @@
 # So torchrun starts with USR1 ignored, and this wrapper passes USR1 / TERM straight to the
 # workers (torchrun's child processes). Workers that saved and exited 0 make torchrun exit 0, and
 # the batch script decides about the requeue from run_state.json (USR1 requeues, TERM does not).
+# A failed worker ends this script with that worker's exit code (see launch_torchrun.py).
 # A signal that comes before torchrun has started its workers is kept and delivered once they exist.
 # TERM from Slurm itself (scancel, the time limit) reaches every process of the step, torchrun
 # included: torchrun passes it to its workers, waits for them (they save a checkpoint and exit)
-# and exits 1, so such a job ends FAILED / CANCELLED with its checkpoint written.
+# and exits 143, so such a job ends FAILED / CANCELLED with its checkpoint written.
 set -u
 
 NPROC=${GPUS_PER_NODE:-1}
@@ -30,9 +31,12 @@ deliver() {  # pass a pending signal to torchrun's workers, if they exist yet
 trap 'PENDING=USR1; deliver' USR1
 trap 'PENDING=TERM; deliver' TERM
 
+# launch_torchrun.py is torchrun (torch.distributed.run) that reports a failed worker in one
+# line and exits with that worker's own exit code (torchrun: a traceback, and always 1).
+LAUNCHER="$(dirname "${BASH_SOURCE[0]}")/launch_torchrun.py"
 (
     trap '' USR1   # inherited by torchrun; megamoe's workers install their own handler
-    exec "${PYTHON:-python}" -m torch.distributed.run \
+    exec "${PYTHON:-python}" "$LAUNCHER" \
         --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --max-restarts 0 \
         -m megamoe train "$@"

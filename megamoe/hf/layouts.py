@@ -192,6 +192,8 @@ def _head_dim(cfg: ModelConfig) -> int:
 def _check_common_megamoe(cfg: ModelConfig, layout: Layout) -> None:
     t = layout.model_type
     _need(cfg.norm == "rmsnorm", f"{t} uses RMSNorm; this model has norm={cfg.norm!r}")
+    # OLMo-1B's non-parametric norm (HF model type "olmo") has no layout here.
+    _need(cfg.norm_affine, f"{t} has learnable norm weights; this model has norm_affine=False")
     _need(layout.is_moe == (cfg.moe is not None),
           f"{t} is {'an MoE' if layout.is_moe else 'a dense'} model type but this model is "
           f"{'dense (model.moe is None)' if cfg.moe is None else 'MoE'}; choose another --model-type")

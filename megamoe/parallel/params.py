@@ -4,7 +4,8 @@ Every parallel transform (apply_tp, apply_ep) records a `ParamSpec` on the param
 creates (`param._megamoe_spec`); unmarked parameters are full copies. The spec drives
   - gradient reduction (data.py):  sum over `reduce_group`, then divide by dp
   - gradient norm (no double counting): only the first rank of `replica_group` counts it
-  - checkpoints: global shape + the ranges of the global tensor this rank holds (resharding).
+  - checkpoints: global shape + the ranges of the global tensor this rank holds (resharding)
+  - the model size printed at start (`count_params`): every parameter once, at its global size.
 
 replica_group   the ranks holding identical copies after the gradient reduction:
                 "dp" (TP-sharded dense), "dp_tp" (dense, full copy on every TP rank),
@@ -21,9 +22,13 @@ index           per dim, the (start, stop) ranges of the global tensor that, con
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+
+from megamoe.parallel.guard import guarded
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -96,5 +101,58 @@ def spec_table(model: torch.nn.Module) -> dict[str, dict]:
     return {name: get_spec(p).to_dict() for name, p in model.named_parameters()}
 
 
+@dataclass
+class ParamCount:
+    total: int                 # the whole model: every parameter once, tied embeddings once
+    active: int                # used per token: routed experts count top_k / num_experts
+    per_rank: list[int] = field(default_factory=list)   # what each rank holds (shards + copies)
+
+    def describe(self) -> str:
+        """The size as one process prints it; the same for every parallel layout."""
+        return f"{self.total / 1e6:.2f}M parameters ({self.active / 1e6:.2f}M active)"
+
+    def describe_per_rank(self) -> str | None:
+        """What the ranks hold, when that differs from the whole model (sharded / pipelined)."""
+        if len(self.per_rank) <= 1 or all(n == self.total for n in self.per_rank):
+            return None
+        lo, hi = min(self.per_rank), max(self.per_rank)
+        held = f"{hi / 1e6:.2f}M" if lo == hi else f"{lo / 1e6:.2f}M to {hi / 1e6:.2f}M"
+        return f"each of the {len(self.per_rank)} ranks holds {held} of them"
+
+
+def count_params(model: torch.nn.Module) -> ParamCount:
+    """Global parameter counts of a (possibly parallelized) megamoe model.
+
+    Each rank lists its parameters by name at their global size (ParamSpec.global_shape), so a
+    TP / EP shard counts as the whole tensor; the lists of all ranks are merged by name, so
+    replicas count once and pipeline stages, which hold different layers, add up. The head's
+    copy of tied embeddings (norm_counted False) is left out: the embedding counts once.
+    A collective when torch.distributed is initialized: every rank must call it."""
+    from megamoe.moe.layer import MoELayer   # lazily: params.py stays a leaf module
+    routed = {f"{name}.experts.{pname}" if name else f"experts.{pname}"
+              for name, m in model.named_modules() if isinstance(m, MoELayer)
+              for pname, _ in m.experts.named_parameters()}
+    mine = {name: (math.prod(get_spec(p).global_shape), name in routed)
+            for name, p in model.named_parameters() if get_spec(p).norm_counted}
+    held = sum(p.numel() for p in model.parameters())
+    tables, per_rank = [mine], [held]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        with guarded():
+            dist.all_gather_object(gathered, (mine, held))
+        tables, per_rank = [t for t, _ in gathered], [n for _, n in gathered]
+    merged = {}
+    for table in tables:
+        merged.update(table)
+    total = sum(n for n, _ in merged.values())
+    routed_total = sum(n for n, is_routed in merged.values() if is_routed)
+    moe = getattr(getattr(model, "cfg", None), "moe", None)
+    active = total
+    if moe is not None and routed_total:
+        # Stacked [E, ...] expert weights: routed_total is a multiple of num_experts.
+        active = total - routed_total + routed_total * moe.top_k // moe.num_experts
+    return ParamCount(total, active, per_rank)
+
+
 __all__ = ["ParamSpec", "get_spec", "set_spec", "full_index", "sharded_index", "place_shard",
-           "local_to_global_indices", "spec_table"]
+           "local_to_global_indices", "spec_table", "ParamCount", "count_params"]

@@ -22,7 +22,7 @@ from megamoe.config import TrainConfig, to_dict
 SCALAR_TAGS = {
     "loss": "train/loss", "ce": "train/ce", "val_loss": "val/loss", "lr": "train/lr",
     "grad_norm": "train/grad_norm", "tokens_per_s": "perf/tokens_per_s",
-    "tflops_per_gpu": "perf/tflops_per_gpu", "mfu": "perf/mfu", "step_time_s": "perf/step_time_s",
+    "tflops_per_device": "perf/tflops_per_device", "mfu": "perf/mfu", "step_time_s": "perf/step_time_s",
     "max_mem_gib": "perf/max_mem_gib", "host_rss_gib": "perf/host_rss_gib",
     "lb_loss": "moe/lb_loss", "z_loss": "moe/z_loss", "dropped_frac": "moe/dropped_frac",
     "expert_load_cv": "moe/expert_load_cv",

@@ -1,4 +1,9 @@
-"""Metrics: jsonl log file, console lines, throughput / MFU arithmetic."""
+"""Metrics: jsonl log file, console lines, throughput / MFU arithmetic, progress-bar policy.
+
+Throughput is reported per device (`tflops_per_device`: one GPU, or one CPU process), and MFU
+against that device's peak: the table below for known GPUs, or $MEGAMOE_PEAK_TFLOPS (TFLOP/s
+per device) for any other device, a CPU included; without either, `mfu` is null.
+"""
 
 import json
 import os
@@ -15,7 +20,8 @@ PEAK_FLOPS = [
     ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 70e12),
     ("MI300X", 1307e12), ("MI250X", 383e12),
 ]
-# Override (TFLOP/s per device), e.g. for a device not listed or to compute MFU on CPU.
+# Override (TFLOP/s per device), e.g. for a device not listed or to compute MFU on CPU;
+# documented in the README ("Metrics").
 PEAK_ENV = "MEGAMOE_PEAK_TFLOPS"
 
 
@@ -38,6 +44,19 @@ def device_peak_flops(device: torch.device, environ=None) -> float | None:
         if key in name:
             return value
     return None
+
+
+def progress_bar_wanted(stdout=None, stderr=None) -> bool:
+    """Whether a tqdm bar belongs on this console: only when both stdout (the log lines) and
+    stderr (where tqdm draws) are terminals. In a file or a pipe (Slurm output, CI, `| tee`)
+    each bar update would be one more carriage-return line; the plain log lines say it all."""
+    for stream in (stdout or sys.stdout, stderr or sys.stderr):
+        try:
+            if not stream.isatty():
+                return False
+        except (AttributeError, ValueError):   # no isatty, or a closed stream
+            return False
+    return True
 
 
 def host_rss_gib() -> float:
@@ -71,8 +90,8 @@ class JsonlLogger:
 def format_console(rec: dict) -> str:
     parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", f"ce {rec['ce']:.4f}",
              f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:.0f} tok/s"]
-    if rec.get("tflops_per_gpu") is not None:
-        parts.append(f"{rec['tflops_per_gpu']:.2f} TFLOP/s/gpu")
+    if rec.get("tflops_per_device") is not None:
+        parts.append(f"{rec['tflops_per_device']:.2f} TFLOP/s/device")
     if rec.get("mfu") is not None:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
     if rec.get("lb_loss") is not None:

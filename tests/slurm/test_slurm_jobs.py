@@ -5,7 +5,10 @@ Submits the example scripts from examples/slurm with 2 CPU tasks (gloo) and a sm
     after a few steps -> checkpoint, `scontrol requeue`, the requeued job resumes at the
     checkpoint step and finishes (not requeued again); over the whole run the loss falls;
   - train_torchrun.sbatch (one torchrun per node) with the signal sent to the batch shell
-    (`scancel --batch`, like #SBATCH --signal=B:USR1@120) -> same save / requeue / resume.
+    (`scancel --batch`, like #SBATCH --signal=B:USR1@120) -> same save / requeue / resume;
+  - a config error ends the job with ExitCode 2:0 under srun, also when another rank is still
+    starting and srun kills it (143), and under torchrun, whose traceback is replaced by one line;
+  - a time limit shorter than the USR1 offset (--time=2 with B:USR1@120) is warned about at start.
 Skips when Slurm is not installed and cannot be (not root, no apt), when the node never gets
 idle, or when the cluster found is not the local test cluster (ClusterName megamoe-ci; set
 MEGAMOE_SLURM_ANY_CLUSTER=1 to submit to another one).
@@ -18,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -209,3 +213,57 @@ def test_torchrun_variant_batch_signals(cluster, data_cache, tmp_path):
     assert state["state"] == "stopped" and state["signal"] == 15 and stop_step + 3 <= state["step"] < steps
     assert os.path.isdir(os.path.join(out_dir, "checkpoints", f"step_{state['step']:08d}"))
     assert [r["step"] for r in metrics(out_dir)] == list(range(1, state["step"] + 1))
+
+
+BAD_CONFIG = "--model.moe.top_k 99"
+CONFIG_ERROR = "megamoe train: error: model.moe.top_k (99) must be between 1 and model.moe.num_experts (8)"
+
+
+def exit_code(job_id: str) -> str:
+    m = re.search(r"ExitCode=(\S+)", _run(["scontrol", "show", "job", "-o", job_id]).stdout)
+    return m.group(1) if m else "?"
+
+
+def test_config_error_exits_2_even_when_srun_kills_a_slower_rank(cluster, data_cache, tmp_path):
+    # Rank 1 is slow to start (as a rank still importing torch): rank 0 fails first with 2, srun
+    # SIGTERMs rank 1 (143) and returns the highest code, 143; the job must still end with 2.
+    slow = tmp_path / "slow_python.sh"
+    slow.write_text(f'#!/bin/bash\n[ "$SLURM_PROCID" = 1 ] && sleep 60\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    out_dir, log = str(tmp_path / "run"), str(tmp_path / "job.out")
+    job = submit("train.sbatch", out_dir, log, f"--parallel.backend gloo {BAD_CONFIG} {TRAIN_ARGS}",
+                 ["--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"],
+                 env={"CONFIG": "examples/configs/tiny.yaml", "PYTHON": str(slow)})
+    assert wait_done(job, log) == "FAILED", read_log(log)[-3000:]
+    text = read_log(log)
+    assert exit_code(job) == "2:0", text[-3000:]
+    assert CONFIG_ERROR in text and "task 1: Exited with exit code 143" in text, text[-3000:]
+    assert "task 0 failed first, with exit code 2 (the launcher returned 143" in text, text[-3000:]
+    assert "requeueing" not in text
+
+
+def test_torchrun_config_error_exits_2_with_one_line_per_failure(cluster, data_cache, tmp_path):
+    out_dir, log = str(tmp_path / "run"), str(tmp_path / "job.out")
+    job = submit("train_torchrun.sbatch", out_dir, log, f"--parallel.backend gloo {BAD_CONFIG} {TRAIN_ARGS}",
+                 ["--gpus-per-node=0", "--nodes=1", "--cpus-per-task=2"],
+                 env={"CONFIG": "examples/configs/tiny.yaml", "GPUS_PER_NODE": "2"})
+    assert wait_done(job, log) == "FAILED", read_log(log)[-3000:]
+    text = read_log(log)
+    assert exit_code(job) == "2:0", text[-3000:]
+    assert CONFIG_ERROR in text, text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    pointers = [line for line in text.splitlines() if "failed first, with exit code 2" in line]
+    assert len(pointers) == 1 and pointers[0].startswith("torchrun ["), text[-3000:]
+
+
+def test_time_limit_shorter_than_the_usr1_offset_warns_at_start(cluster, data_cache, tmp_path):
+    out_dir, log = str(tmp_path / "run"), str(tmp_path / "job.out")
+    job = submit("train.sbatch", out_dir, log, f"--parallel.backend gloo --steps 5 {TRAIN_ARGS}",
+                 ["--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=2"],
+                 env={"CONFIG": "examples/configs/tiny.yaml", "MAX_REQUEUES": "0"})
+    wait_for(lambda: "WARNING" in read_log(log), 60, "the time-limit warning", job, log)
+    _run(["scancel", job])          # its USR1 is due at once: nothing more to see
+    wait_done(job, log)
+    warning = [line for line in read_log(log).splitlines() if "WARNING" in line]
+    assert len(warning) == 1, read_log(log)[-3000:]
+    assert "time limit 120 s" in warning[0] and "SIGUSR1 120 s before the end" in warning[0], warning
