@@ -37,19 +37,16 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
-import tempfile
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megamoe.config import preset  # noqa: E402
+from megamoe.parallel.spawn import spawn  # noqa: E402
 
 DEFAULT_CONFIGS = ("2:2", "4:2", "4:4")   # world:ep
 
@@ -213,38 +210,6 @@ def _worker(rank: int, world: int, ep: int, cfg, steps: int, dtype: str, seed: i
     finally:
         meter.uninstall_collective()
     return out
-
-
-def _entry(rank, world, port, out_path, fn, args):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-        if rank == 0:
-            torch.save(result, out_path)
-    except Exception:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(world: int, fn, *args):
-    """Run fn(rank, world, *args) in `world` forked gloo processes; rank 0's return value."""
-    import megamoe.parallel.setup  # noqa: F401  (import once in the parent: forked workers start fast)
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, join=True,
-                           start_method="fork")
-        return torch.load(out, weights_only=False)
 
 
 # ------------------------------------------------------------------------------- arithmetic

@@ -67,20 +67,31 @@ def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype)
     return backend
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto"):
-    """y[N, out] where rows of expert e are x[rows_e] @ w[e]; x[N, in], w[E, in, out]."""
-    if backend == "auto":
-        backend = "grouped_mm" if grouped_mm_fast(x.device, x.dtype) and grouped_mm_supported(x, w) else "loop"
+def pick_backend(backend: str, x: torch.Tensor, w: torch.Tensor) -> str:
+    """`auto` -> grouped_mm where torch has its fast kernel for these operands, else loop."""
+    if backend != "auto":
+        return backend
+    return "grouped_mm" if grouped_mm_fast(x.device, x.dtype) and grouped_mm_supported(x, w) else "loop"
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto",
+                 host_counts: list[int] | None = None):
+    """y[N, out] where rows of expert e are x[rows_e] @ w[e]; x[N, in], w[E, in, out].
+    host_counts: `counts` as a Python list, for the backends that need them on the host (loop,
+    grouped_gemm), so that a caller running several GEMMs transfers them once."""
+    backend = pick_backend(backend, x, w)
     if backend == "grouped_mm":
         if not grouped_mm_supported(x, w):
             raise ValueError(f"model.moe.gemm_backend grouped_mm needs fp32/bf16/fp16 rows of a multiple "
                              f"of 16 bytes (got {x.dtype}, in {x.shape[-1]}, out {w.shape[-1]}); use loop")
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # on device: no host sync
         return _ContiguousGrad.apply(torch._grouped_mm(x, w.to(x.dtype), offs=offsets))
+    if host_counts is None and backend in ("grouped_gemm", "loop"):
+        host_counts = counts.tolist()       # a host sync: these backends loop on the host
     if backend == "grouped_gemm":
-        return optional.megablocks_gmm(x, w, counts)
+        return optional.megablocks_gmm(x, w, torch.tensor(host_counts, dtype=torch.int64))
     if backend == "loop":
-        chunks = torch.split(x, counts.tolist())
+        chunks = torch.split(x, host_counts)
         outs = [c @ w[e].to(x.dtype) for e, c in enumerate(chunks)]
         return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
     raise ValueError(f"unknown grouped GEMM backend {backend!r}; use auto, grouped_mm, loop or grouped_gemm")
@@ -100,6 +111,9 @@ class GroupedExperts(nn.Module):
             x = x.to(self.w_gate_up.dtype)
         elif torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        gate_up = grouped_gemm(x, self.w_gate_up, counts, self.backend)   # [N, 2I]
+        backend = pick_backend(self.backend, x, self.w_gate_up)
+        # loop / grouped_gemm need the counts on the host: one transfer for both GEMMs
+        host_counts = counts.tolist() if backend in ("loop", "grouped_gemm") else None
+        gate_up = grouped_gemm(x, self.w_gate_up, counts, backend, host_counts)   # [N, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return grouped_gemm(F.silu(gate) * up, self.w_down, counts, self.backend)  # [N, H]
+        return grouped_gemm(F.silu(gate) * up, self.w_down, counts, backend, host_counts)  # [N, H]

@@ -40,7 +40,7 @@ def require(name: str, what: str):
 def megablocks_gmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """y[N, out] = per-expert x @ w[e] through grouped_gemm.ops.gmm (batch sizes on the host)."""
     gg = require("grouped_gemm", "model.moe.gemm_backend=grouped_gemm")
-    return gg.ops.gmm(x, w.to(x.dtype), counts.to("cpu", torch.int64), trans_b=False)
+    return gg.ops.gmm(x, w.to(x.dtype), counts.to("cpu", torch.int64), trans_b=False)   # counts: host
 
 
 # -------------------------------------------------------------------------------------------- apex

@@ -147,13 +147,19 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, num_valid
         raise ValueError(f"expected x[T, H] and topk_idx[T, K], got {tuple(x.shape)} and {tuple(topk_idx.shape)}")
     top_k = topk_idx.shape[1]
     perm_map, counts, offsets = sort_by_expert(topk_idx, num_experts)
-    if num_valid is None or not offsets.is_cuda:
-        actual = int(offsets[-1])   # the only host sync of permute, and only when needed on GPU
-        if num_valid is not None and num_valid != actual:
-            raise ValueError(f"num_valid={num_valid} but topk_idx has {actual} valid slots")
-        num_valid = actual
+    if num_valid is None:
+        num_valid = int(offsets[-1])   # the only host sync of permute, when the caller cannot say
+    elif not offsets.is_cuda:
+        check_num_valid(offsets, num_valid)
     perm_map = perm_map[:num_valid]
     return permute_with_map(x, perm_map, top_k), perm_map, counts
+
+
+def check_num_valid(offsets: torch.Tensor, num_valid: int) -> None:
+    """CPU tensors only: free there, a host sync on a GPU (where a wrong value is undefined)."""
+    actual = int(offsets[-1])
+    if num_valid != actual:
+        raise ValueError(f"num_valid={num_valid} but topk_idx has {actual} valid slots")
 
 
 def unpermute(y_perm: torch.Tensor, perm_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ AllToAllDispatcher has LocalDispatcher's API (megamoe.moe.dispatch):
                                        counts_local[El], ctx
   combine(y_local[N_in, H], topk_weight[T, K], ctx) -> y[T, H]
 Steps of dispatch:
-  1. permute locally, expert-major over ALL E experts (rows for EP rank j are contiguous)
-  2. exchange per-expert counts (all_to_all_single on the [E] counts)
+  1. count slots per expert and start exchanging the [E] counts (async all_to_all_single)
+  2. permute locally, expert-major over ALL E experts (rows for EP rank j are contiguous),
+     while the counts travel; then ONE device-to-host transfer of all split sizes
+     (the only host sync of the layer's forward; backward reuses them)
   3. exchange rows (differentiable all-to-all with split sizes); rows arrive grouped by
      source rank, then by local expert
   4. expert-TP: all-gather the received rows over the etp group (each etp rank holds a slice
@@ -69,27 +71,36 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------------------ dispatch
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None):
-        x_perm, perm_map, counts = ops.permute(x, topk_idx, self.num_experts, num_valid)  # [N, H], [E]
-        counts = counts.to(torch.int64)
-        # 2. how many rows each source rank sends to each of my local experts: [ep, El]
-        recv_counts = counts.clone()
+        # 1. per-expert counts, and their exchange started before the permutation it overlaps
+        counts = expert_counts(topk_idx, self.num_experts)                   # [E] int64
+        recv_counts, work = torch.empty_like(counts), None
         if self.ep > 1:
             with guarded(self.ep_group):
-                dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
-        recv_counts = recv_counts.view(self.ep, self.num_local)
-        send_splits = counts.view(self.ep, self.num_local).sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+                work = dist.all_to_all_single(recv_counts, counts, group=self.ep_group, async_op=True)
+        else:
+            recv_counts.copy_(counts)
+        # 2. local permutation (rows for EP rank j contiguous) while the counts travel
+        x_perm, perm_map, _ = ops.permute(x, topk_idx, self.num_experts, num_valid)  # [N, H]
+        if work is not None:
+            with guarded(self.ep_group):
+                work.wait()
+        block_counts = recv_counts.view(self.ep, self.num_local)          # [ep, El] rows I receive
+        if self.etp > 1:   # every etp peer's received blocks: [etp*ep, El]
+            gathered = block_counts.new_empty((self.etp * self.ep, self.num_local))
+            C.all_gather_flat(gathered, block_counts.contiguous(), self.etp_group)
+            block_counts = gathered
+        # The layer's one device-to-host transfer: send, receive (and etp) split sizes together.
+        # Backward reuses them (saved in ctx and by the all-to-all functions): no transfer there.
+        splits = host_ints(torch.cat([counts.view(self.ep, -1).sum(1),          # rows to each EP rank
+                                      recv_counts.view(self.ep, -1).sum(1),     # rows from each
+                                      block_counts.view(self.etp, -1).sum(1)]))  # rows per etp peer
+        send_splits, recv_splits = splits[:self.ep], splits[self.ep:2 * self.ep]
+        etp_splits = splits[2 * self.ep:]
         # 3. rows to the ranks owning their experts
         x_recv = C.all_to_all(x_perm, self.ep_group, send_splits, recv_splits,
                               self._counter("dispatch", self.ep_group))
-        block_counts = recv_counts                                     # [blocks, El]
-        etp_splits = [x_recv.shape[0]]
         # 4. expert-TP: every etp rank needs every row of its experts
         if self.etp > 1:
-            gathered = block_counts.new_empty((self.etp * self.ep, self.num_local))
-            C.all_gather_flat(gathered, block_counts.contiguous(), self.etp_group)
-            block_counts = gathered                                    # [etp*ep, El]
-            etp_splits = gathered.view(self.etp, -1).sum(1).tolist()
             mine = x_recv.shape[0]
             # all-gather of unequal sizes = all-to-all sending the same rows to every peer; its
             # backward sums the gradients of the copies (the reduce-scatter we need).
@@ -119,6 +130,29 @@ class AllToAllDispatcher:
         y_perm = C.all_to_all(y_recv, self.ep_group, ctx.recv_splits, ctx.send_splits,
                               self._counter("combine", self.ep_group))
         return ops.unpermute(y_perm, ctx.perm_map, topk_weight)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 slots routed to each expert (dropped slots, -1, not counted); on the device,
+    with scatter_add (bincount would synchronize with the host on CUDA)."""
+    flat = topk_idx.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int64))
+
+
+def host_ints(t: torch.Tensor) -> list[int]:
+    """A small integer tensor as a Python list: on CUDA one non-blocking copy into pinned memory,
+    then waiting on an event for just that copy (not on the whole device)."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host.tolist()
 
 
 # --------------------------------------------------------------------------- weight sharding

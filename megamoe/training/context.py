@@ -58,7 +58,7 @@ class LocalContext:
     def grad_norm(self, model) -> torch.Tensor:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
-            return torch.zeros(())
+            return torch.zeros((), device=next(model.parameters()).device)
         sq = torch.zeros((), dtype=accum_dtype(grads[0].dtype), device=grads[0].device)
         for g in grads:
             sq += upcast(g).pow(2).sum()

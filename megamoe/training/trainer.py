@@ -83,9 +83,12 @@ class Trainer:
         return stats
 
     def grad_norm_and_clip(self) -> torch.Tensor:
+        """Global gradient norm, and clipping, on the device: no host sync (a non-finite norm
+        leaves the gradients alone; train_step then skips the step)."""
         norm = self.ctx.grad_norm(self.model)
-        if self.cfg.optim.clip_grad > 0 and torch.isfinite(norm):
+        if self.cfg.optim.clip_grad > 0:
             coef = (self.cfg.optim.clip_grad / (norm + 1e-6)).clamp(max=1.0)
+            coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(coef.to(p.grad.dtype))
@@ -113,8 +116,20 @@ class Trainer:
         load = self.ctx.sum_over_dp(stats.load) if stats.has_moe else None
         ce_mean, aux_mean, lb_mean, z_mean, dropped_mean = logged.unbind()
         loss = ce_mean + aux_mean
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        # The step's one device-to-host transfer: whether to step, and everything logged.
+        scalars = [loss, ce_mean, grad_norm, finite, lb_mean, z_mean, dropped_mean]
+        per_layer = None
+        if load is not None:
+            per_layer = load / load.sum(-1, keepdim=True).clamp(min=1)       # [L, E] shares
+            scalars.append((per_layer.std(-1) / per_layer.mean(-1)).mean())
+        values = torch.stack([t.to(torch.float64) for t in scalars])
+        if per_layer is not None:
+            values = torch.cat([values, per_layer.to(torch.float64).reshape(-1)])
+        host = values.tolist()
+        loss_v, ce_v, gnorm_v, finite, lb_v, z_v, dropped_v = host[:7]
+        finite = finite == 1.0
 
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         lr = lr_at(self.step, cfg.optim, cfg.steps)
         if finite:
             self.bad_steps = 0
@@ -133,16 +148,17 @@ class Trainer:
         dt = time.perf_counter() - t0
         tokens = cfg.global_batch_size * cfg.model.seq_length
         world = self.ctx.world_size
-        rec = {"step": self.step, "loss": float(loss), "ce": float(ce_mean), "lr": lr,
-               "grad_norm": float(grad_norm), "skipped": not finite, "step_time_s": dt,
+        rec = {"step": self.step, "loss": loss_v, "ce": ce_v, "lr": lr,
+               "grad_norm": gnorm_v, "skipped": not finite, "step_time_s": dt,
                "tokens_per_s": tokens / dt,
                "tflops_per_device": tokens * self.flops_per_token / dt / world / 1e12}
         rec["mfu"] = (rec["tflops_per_device"] * 1e12 / self.peak_flops) if self.peak_flops else None
-        if load is not None:
-            rec.update(lb_loss=float(lb_mean), z_loss=float(z_mean), dropped_frac=float(dropped_mean))
-            per_layer = load / load.sum(-1, keepdim=True).clamp(min=1)       # [L, E] shares
-            rec["expert_load"] = [[round(x, 4) for x in row] for row in per_layer.tolist()]
-            rec["expert_load_cv"] = float((per_layer.std(-1) / per_layer.mean(-1)).mean())
+        if per_layer is not None:
+            num_experts = per_layer.shape[-1]
+            shares = host[8:]
+            rec.update(lb_loss=lb_v, z_loss=z_v, dropped_frac=dropped_v, expert_load_cv=host[7])
+            rec["expert_load"] = [[round(x, 4) for x in shares[i:i + num_experts]]
+                                  for i in range(0, len(shares), num_experts)]
         if self.device.type == "cuda":
             rec["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         rec["host_rss_gib"] = host_rss_gib()

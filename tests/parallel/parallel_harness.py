@@ -9,62 +9,16 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import tempfile
-import traceback
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megamoe.config import preset
+from megamoe.parallel.spawn import spawn  # noqa: F401 (the tests call H.spawn)
 
 STEPS = 20
 VOCAB, SEQ = 256, 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world_size, port, out_path, fn, args):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        result = fn(rank, world_size, *args)
-        if rank == 0:
-            torch.save(result, out_path)
-    except Exception:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _prewarm() -> None:
-    """Import what every worker needs once in the parent, so forked workers start in ~0.1 s
-    instead of each re-importing torch (seconds per process on a 2-core CI machine)."""
-    import megamoe.parallel.setup  # noqa: F401
-    import megamoe.training.build  # noqa: F401
-    import megamoe.training.trainer  # noqa: F401
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # first use imports torch._dynamo
-
-
-def spawn(world_size: int, fn, *args):
-    """Run fn in `world_size` processes on one gloo group; return rank 0's result.
-
-    Workers are forked (the parent has no process group and workers use one intra-op thread,
-    so the inherited state is safe to use)."""
-    _prewarm()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_entry, args=(world_size, free_port(), out, fn, args), nprocs=world_size,
-                           join=True, start_method="fork")
-        return torch.load(out, weights_only=False)
 
 
 # ------------------------------------------------------------------------------ model + data
