@@ -19,8 +19,8 @@ The expert GEMMs use the grouped_mm backend (what runs on sm90 in bf16); the loo
 needs the counts on the host by design.
 
 Budget: B = MoE-layer forwards in the step (each may transfer its split sizes once: 2 micro-
-batches x 2 layers, twice with recompute) + 2. The last line is
-`host_syncs_per_step N budget B`.
+batches x 2 layers; selective recompute, the default, runs none of them again, `--recompute
+full` does) + 2. The last line is `host_syncs_per_step N budget B`.
 """
 
 from __future__ import annotations
@@ -98,12 +98,12 @@ def _wrap_host_reads(counter: SyncCounter):
     return originals
 
 
-def tiny_cfg(micro_batches: int):
+def tiny_cfg(micro_batches: int, recompute: str):
     cfg = preset("tiny")
     m = cfg.model
     m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.ffn_hidden, m.seq_length = VOCAB, 64, 2, 4, 128, SEQ
     m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden, m.moe.gemm_backend = 8, 2, 32, "grouped_mm"
-    cfg.dtype, cfg.activation_checkpointing = "fp32", True
+    cfg.dtype, cfg.activation_checkpointing, cfg.recompute = "fp32", True, recompute
     cfg.micro_batch_size, cfg.global_batch_size, cfg.steps = 2, 2 * 2 * micro_batches, 3
     cfg.parallel.ep = 2
     cfg.eval_interval, cfg.save_interval, cfg.log_interval, cfg.progress = 0, 0, 0, False
@@ -111,13 +111,13 @@ def tiny_cfg(micro_batches: int):
     return cfg
 
 
-def _worker(rank, world, micro_batches):
+def _worker(rank, world, micro_batches, recompute):
     from megamoe.training.build import build_training
     from megamoe.training.trainer import Trainer
 
     rng = np.random.default_rng(0)
     data = [rng.integers(0, VOCAB, SEQ + 1) for _ in range(64)]
-    run = build_training(tiny_cfg(micro_batches), verbose=False)
+    run = build_training(tiny_cfg(micro_batches, recompute), verbose=False)
     trainer = Trainer(run, data)
     trainer.train_step()                     # warm-up step (lazy state, first-call paths)
     counter = SyncCounter()
@@ -146,12 +146,13 @@ def _worker(rank, world, micro_batches):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--recompute", choices=("selective", "full"), default="selective")
     args = parser.parse_args(argv)
-    result = spawn(2, _worker, args.micro_batches)
+    result = spawn(2, _worker, args.micro_batches, args.recompute)
     sites, forwards = result["sites"], result["moe_forwards"]
     total = sum(sites.values())
-    print(f"EP2, {args.micro_batches} micro-batches, 2 MoE layers, activation checkpointing, grouped_mm; "
-          f"rank 0, one training step")
+    print(f"EP2, {args.micro_batches} micro-batches, 2 MoE layers, activation checkpointing "
+          f"({args.recompute} recompute), grouped_mm; rank 0, one training step")
     print(f"{'count':>5}  {'what':<28} where")
     for site, n in sorted(sites.items(), key=lambda kv: -kv[1]):
         print(f"{n:>5}  {site}")

@@ -113,6 +113,9 @@ class DataConfig:
     cache_dir: str = "data_cache"
     split: str = "98,2,0"             # train,valid,test shares of documents
     num_workers: int = 0
+    # megamoe (each epoch shuffled on its own) | megatron (Megatron-Core's exact sample and blend
+    # order: epochs shuffled together, a short last epoch apart, its blending formula)
+    sample_order: str = "megamoe"
 
 
 @dataclass
@@ -129,6 +132,9 @@ class TrainConfig:
     # The policy (what runs in which dtype) is in megamoe/precision.py.
     dtype: str = "auto"
     activation_checkpointing: bool = False
+    # selective: MoE blocks recompute attention + expert GEMMs, keeping router decisions and
+    # the all-to-all outputs (no communication repeated in backward); full: whole blocks
+    recompute: str = "selective"
     fp8: bool = False                 # Transformer Engine FP8 linears (needs transformer_engine)
     eval_interval: int = 50
     eval_iters: int = 4               # validation batches of global_batch_size samples
@@ -432,10 +438,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     _check(cfg.steps >= 1, f"steps must be >= 1 (got {cfg.steps})")
     _check(cfg.micro_batch_size >= 1, "micro_batch_size must be >= 1")
+    _check(cfg.recompute in ("selective", "full"),
+           f"recompute must be selective or full, got {cfg.recompute!r}")
     _check(cfg.dtype in ("auto", "fp32", "bf16", "fp64"),
            f"dtype must be auto, fp32 or bf16 (fp64 for tests), got {cfg.dtype!r}")
     _check(cfg.watchdog_s >= 0, f"watchdog_s must be >= 0 (0 = off), got {cfg.watchdog_s}")
     _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0 seconds, got {p.timeout_s}")
+    _check(cfg.data.sample_order in ("megamoe", "megatron"),
+           f"data.sample_order must be megamoe or megatron, got {cfg.data.sample_order!r}")
     if cfg.data.weights:
         _check(len(cfg.data.weights) == len(cfg.data.paths),
                f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}")

@@ -10,8 +10,9 @@
   dense GEMMs (attn, MLP,    fp32          bf16 inputs, fp32 accumulate    fp64
   head)                                    (torch.autocast)
   expert GEMMs               fp32          bf16: tokens cast before the    fp64
-                                           permutation, weights cast per
-                                           call (grouped_mm is no autocast op)
+                                           permutation; a bf16 copy of the
+                                           weights made once per optimizer
+                                           step (grouped_mm is no autocast op)
   router: logits, softmax /  fp32          fp32, autocast disabled inside  fp64
   sigmoid, top-k, weights                  the router (selection too)
   aux losses (LB, z)         fp32          fp32                            fp64

@@ -39,14 +39,23 @@ class Block(nn.Module):
             self.ffn = MoELayer(cfg.d_model, cfg.moe)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.bias)
-        # Recompute this block's activations in backward instead of storing them: a
-        # checkpoint(fn, *args) function (torch's, or Transformer Engine's under FP8), or None.
+        # Recompute activations in backward instead of storing them: a checkpoint(fn, *args)
+        # function (torch's, or Transformer Engine's under FP8), or None. `selective` (MoE
+        # blocks): recompute attention and the expert GEMMs, keep the MoE token exchanges.
         self.checkpoint_fn = None
+        self.selective = False
 
     def forward(self, x, cos, sin):
-        if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
+        if self.checkpoint_fn is None or not (self.training and torch.is_grad_enabled()):
+            return self._forward(x, cos, sin)
+        if not (self.selective and isinstance(self.ffn, MoELayer)):
             return self.checkpoint_fn(self._forward, x, cos, sin)
-        return self._forward(x, cos, sin)
+        # Selective: the MoE layer itself recomputes only its expert GEMMs (recompute_fn).
+        if self.post_norm:
+            x = x + self.checkpoint_fn(lambda h: self.attn_norm(self.attn(h, cos, sin)), x)
+            return x + self.ffn_norm(self.ffn(x))
+        x = x + self.checkpoint_fn(lambda h: self.attn(self.attn_norm(h), cos, sin), x)
+        return x + self.ffn(self.ffn_norm(x))
 
     def _forward(self, x, cos, sin):
         if self.post_norm:  # OLMo2 "reordered norm": normalise each sublayer's output instead
@@ -102,12 +111,17 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def set_activation_checkpointing(self, enabled: bool, checkpoint_fn=None) -> None:
-        """Recompute every block in backward; checkpoint_fn defaults to torch's non-reentrant
-        checkpoint (which replays the forward's autocast state)."""
+    def set_activation_checkpointing(self, enabled: bool, checkpoint_fn=None, selective: bool = False) -> None:
+        """Recompute blocks in backward; checkpoint_fn defaults to torch's non-reentrant
+        checkpoint (which replays the forward's autocast state). `selective`: MoE blocks
+        recompute attention and their expert GEMMs but keep the router decisions and the
+        token exchanges (all-to-all outputs), so no communication is repeated in backward;
+        dense blocks are recomputed whole either way."""
         fn = (checkpoint_fn or functools.partial(checkpoint, use_reentrant=False)) if enabled else None
         for layer in self.layers.values():
-            layer.checkpoint_fn = fn
+            layer.checkpoint_fn, layer.selective = fn, selective and enabled
+            if isinstance(layer.ffn, MoELayer):
+                layer.ffn.recompute_fn = fn if selective else None
 
     def set_aux_loss_scale(self, scale: float) -> None:
         for m in self.moe_layers():

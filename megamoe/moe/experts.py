@@ -97,14 +97,46 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend
     raise ValueError(f"unknown grouped GEMM backend {backend!r}; use auto, grouped_mm, loop or grouped_gemm")
 
 
+class _CachedCast(torch.autograd.Function):
+    """The weight in the compute dtype from a cache (forward), its gradient cast back to the
+    master weight's dtype (backward): the autograd of w.to(dtype) without the per-call cast."""
+
+    @staticmethod
+    def forward(ctx, w, cached):
+        ctx.dtype = w.dtype
+        return cached.view_as(cached)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts applied to expert-major rows in three grouped GEMMs' worth of work."""
+    """E SwiGLU experts applied to expert-major rows in three grouped GEMMs' worth of work.
+
+    Under autocast the fp32 master weights are cast to the compute dtype once per optimizer
+    step, not once per call (forward, every micro-batch, recompute): the copy is kept and
+    reused while the parameter's version counter is unchanged (an optimizer step, or loading
+    a checkpoint, updates the weights in place and so bumps it). Same numbers as casting per
+    call; costs a compute-dtype copy of this rank's expert weights (half their fp32 bytes)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, backend: str = "auto"):
         super().__init__()
         self.num_experts, self.hidden, self.backend = num_experts, hidden, backend
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self._casts: dict[str, tuple] = {}     # name -> (param, version, dtype, copy)
+
+    def compute_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        w = getattr(self, name)
+        if w.dtype == dtype:
+            return w
+        hit = self._casts.get(name)
+        if hit is None or hit[0] is not w or hit[1] != w._version or hit[2] != dtype:
+            with torch.no_grad():
+                hit = (w, w._version, dtype, w.detach().to(dtype))
+            self._casts[name] = hit
+        return _CachedCast.apply(w, hit[3]) if torch.is_grad_enabled() and w.requires_grad else hit[3]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.w_gate_up.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -114,6 +146,7 @@ class GroupedExperts(nn.Module):
         backend = pick_backend(self.backend, x, self.w_gate_up)
         # loop / grouped_gemm need the counts on the host: one transfer for both GEMMs
         host_counts = counts.tolist() if backend in ("loop", "grouped_gemm") else None
-        gate_up = grouped_gemm(x, self.w_gate_up, counts, backend, host_counts)   # [N, 2I]
+        w_gate_up, w_down = self.compute_weight("w_gate_up", x.dtype), self.compute_weight("w_down", x.dtype)
+        gate_up = grouped_gemm(x, w_gate_up, counts, backend, host_counts)   # [N, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return grouped_gemm(F.silu(gate) * up, self.w_down, counts, backend, host_counts)  # [N, H]
+        return grouped_gemm(F.silu(gate) * up, w_down, counts, backend, host_counts)  # [N, H]

@@ -49,6 +49,10 @@ class MoELayer(nn.Module):
                 self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
         # Gradient weight of the aux losses; the trainer sets 1/num_micro_batches.
         self.aux_loss_scale = 1.0
+        # Selective recompute (set from outside): checkpoint(fn, *args) run around the expert
+        # GEMMs and the shared experts only, so that the router decisions and the token
+        # exchanges are kept and no communication is repeated in backward.
+        self.recompute_fn = None
         self.last_stats: dict = {}
 
     @staticmethod
@@ -59,6 +63,11 @@ class MoELayer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return x.to(torch.get_autocast_dtype(x.device.type))
         return x
+
+    def _recomputed(self, fn, *args):
+        if self.recompute_fn is not None and self.training and torch.is_grad_enabled():
+            return self.recompute_fn(fn, *args)
+        return fn(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -71,10 +80,10 @@ class MoELayer(nn.Module):
         # Dropless: the permuted row count is known (T*K), so the GPU path needs no host sync.
         x_perm, counts, ctx = self.dispatcher.dispatch(
             self._compute_dtype(x), topk_idx, num_valid=topk_idx.numel() if dropless else None)  # [N, H], [E_local]
-        y_perm = self.experts(x_perm, counts)
+        y_perm = self._recomputed(self.experts, x_perm, counts)
         y = self.dispatcher.combine(y_perm, route.topk_weight, ctx).to(x.dtype)  # [T, H]
         if self.shared_experts is not None:
-            shared = self.shared_experts(x)
+            shared = self._recomputed(self.shared_experts, x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared

@@ -127,10 +127,13 @@ def apply_precision(model: nn.Module, backends: Backends) -> None:
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
-    """Recompute whole blocks in backward; under FP8 through TE's checkpoint, so that the
-    recompute runs in the FP8 state of the original forward."""
+    """Recompute in backward: whole blocks (recompute full), or for MoE blocks attention and
+    the expert GEMMs only (recompute selective, the default: no all-to-all is repeated).
+    Under FP8 through TE's checkpoint, so that the recompute runs in the FP8 state of the
+    original forward."""
     if cfg.activation_checkpointing and hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(True, optional.te_checkpoint if cfg.fp8 else None)
+        model.set_activation_checkpointing(True, optional.te_checkpoint if cfg.fp8 else None,
+                                           selective=cfg.recompute == "selective")
 
 
 # ------------------------------------------------------------------------------------ the run

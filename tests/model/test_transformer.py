@@ -66,17 +66,45 @@ def test_rope_rotates_relative_positions():
 
 
 @pytest.mark.parametrize("moe", [True, False])
-def test_activation_checkpointing_same_loss_and_grads(moe):
+@pytest.mark.parametrize("selective", [False, True])
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_activation_checkpointing_same_loss_and_grads(moe, selective, post_norm):
+    """Full and selective recompute give the gradients of no recompute (fp64: same math)."""
     cfg = small_cfg() if moe else small_cfg(moe=None)
-    ref = build_model(cfg, seed=0)
+    cfg.norm_position = "post" if post_norm else "pre"
+    ref = build_model(cfg, seed=0).double()
     ac = copy.deepcopy(ref)
-    ac.set_activation_checkpointing(True)
+    ac.set_activation_checkpointing(True, selective=selective)
     x = torch.randint(0, 64, (2, 16))
     for m in (ref, ac):
         m.train()
         F.cross_entropy(m(x).reshape(-1, 64), x.reshape(-1)).backward()
     for (n, p), q in zip(ref.named_parameters(), ac.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=n)
+
+
+def test_selective_recompute_keeps_the_token_exchange_out_of_backward():
+    """Under selective recompute the dispatcher runs once per forward; under full recompute
+    again in backward (what would be a second all-to-all pair with expert parallelism)."""
+    calls = {}
+    for mode in ("none", "selective", "full"):
+        model = build_model(small_cfg(), seed=0)
+        if mode != "none":
+            model.set_activation_checkpointing(True, selective=mode == "selective")
+        count = [0]
+        for layer in model.moe_layers():
+            real = layer.dispatcher.dispatch
+
+            def dispatch(*args, _real=real, **kwargs):
+                count[0] += 1
+                return _real(*args, **kwargs)
+            layer.dispatcher.dispatch = dispatch
+        model.train()
+        x = torch.randint(0, 64, (2, 16))
+        F.cross_entropy(model(x).reshape(-1, 64), x.reshape(-1)).backward()
+        calls[mode] = count[0]
+    layers = len(build_model(small_cfg(), seed=0).moe_layers())
+    assert calls == {"none": layers, "selective": layers, "full": 2 * layers}
 
 
 def test_flops_per_token_olmoe_magnitude():

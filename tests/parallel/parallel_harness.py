@@ -100,7 +100,10 @@ def train_configs(rank, world_size, runs: list[tuple[str, dict]], out_root: str)
     results = {}
     for label, par in runs:
         par = dict(par)
+        recompute = par.pop("recompute", None)          # "selective" | "full": with recompute
         cfg = tiny_cfg(os.path.join(out_root, label), par.pop("dtype", "fp64"), **par)
+        if recompute:
+            cfg.activation_checkpointing, cfg.recompute = True, recompute
         resume_check = label in RESUME_CHECK
         if resume_check:
             cfg.save_interval = STEPS // 2

@@ -34,6 +34,11 @@ CONFIGS = {
     "tp2xdp2xep2_sp_zero1": (4, dict(tp=2, ep=2, sequence_parallel=True, zero1=True)),
     "tp2xdp2xep2xetp2_sp_zero1": (4, dict(tp=2, ep=2, etp=2, sequence_parallel=True, zero1=True)),
     "tp2xdp4xep4_sp_zero1": (8, dict(tp=2, ep=4, sequence_parallel=True, zero1=True)),
+    # activation recompute (same math): selective keeps the all-to-all outputs, full repeats them
+    "ep2_recompute_selective": (2, dict(ep=2, recompute="selective")),
+    "ep2_recompute_full":      (2, dict(ep=2, recompute="full")),
+    "tp2xep2_sp_recompute_selective": (2, dict(tp=2, ep=2, sequence_parallel=True, recompute="selective")),
+    "ep4_recompute_selective": (4, dict(ep=4, recompute="selective")),
     # the real dtypes
     "fp32_tp2xep2_sp":  (2, dict(tp=2, ep=2, sequence_parallel=True, dtype="fp32")),
     "fp32_edp2xep2_zero1": (4, dict(ep=2, zero1=True, dtype="fp32")),

@@ -122,3 +122,23 @@ def test_fp8_with_transformer_engine_trains_every_parameter(tmp_path):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
     unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p.detach(), before[n])]
     assert not unchanged, f"parameters never stepped: {unchanged}"
+
+
+def _zero1_bf16_cast_cache(rank, world_size):
+    cfg = H.tiny_cfg("/tmp/megamoe-cast-cache", dtype="bf16", ep=2, zero1=True)
+    cfg.steps = 2
+    trainer = Trainer(build_training(cfg, verbose=False), H.synthetic_ds())
+    trainer.train()
+    stale = []
+    for layer in trainer.model.moe_layers():
+        ex = layer.experts
+        for name in ("w_gate_up", "w_down"):
+            if not torch.equal(ex.compute_weight(name, torch.bfloat16), getattr(ex, name).detach().to(torch.bfloat16)):
+                stale.append(name)
+    return stale
+
+
+def test_cached_bf16_expert_weights_follow_zero1_updates():
+    """ZeRO-1 writes the parameters through its flat buffers (their version counters do not
+    move); the trainer marks them updated, so the experts' bf16 copies are refreshed."""
+    assert H.spawn(2, _zero1_bf16_cast_cache) == []
