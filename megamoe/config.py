@@ -33,7 +33,8 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_expert_hidden: int = 0     # 0 -> num_shared_experts * expert_hidden
     shared_expert_gate: bool = False  # Qwen2-MoE style sigmoid gate on the shared output
-    # auto (grouped_mm where torch has its fast kernel: bf16 on sm90/sm100; else loop) |
+    # auto (grouped_mm where torch runs it fast without host syncs: bf16 on sm90/sm100, CPU;
+    # else loop) |
     # grouped_mm | loop | grouped_gemm (megablocks' package, only when configured)
     gemm_backend: str = "auto"
     moe_layer_freq: int = 1           # every n-th layer is MoE (1 = all)

@@ -9,7 +9,8 @@ Backends of `grouped_gemm(x, w, counts)` (all give the same numbers):
   grouped_mm  torch._grouped_mm with cumulative int32 offsets, no host sync
   loop        one matmul per expert (needs the counts on the host)
   grouped_gemm  megablocks' grouped_gemm package, only when configured (CUDA; counts on the host)
-  auto        grouped_mm where torch has its fast kernel (bf16 on sm90/sm100), else loop
+  auto        grouped_mm where torch runs it without host syncs and fast: bf16 on sm90/sm100,
+              and on CPU (fp32/bf16/fp16); else loop
 """
 
 import torch
@@ -43,17 +44,23 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm has its fast (CUTLASS) kernel here: bf16 on sm90 / sm100.
-    Elsewhere (fp32/fp16, other GPUs, CPU) torch runs a fallback that copies the offsets to
-    the host and loops over the groups, which is the `loop` backend with extra overhead."""
-    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+    """Whether torch._grouped_mm is the best choice here. On a GPU only with its fast
+    (CUTLASS) kernel, bf16 on sm90 / sm100: elsewhere (fp32/fp16, other GPUs) torch copies the
+    offsets to the host and loops over the groups. On a CPU there is no device to wait for,
+    and torch's loop over the groups (C++) beats the Python `loop` backend (1.1-2.3x in every
+    CPU run of benchmarks/moe_layer.py in RESULTS.md), for the dtypes it has (fp32/bf16/fp16)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type != "cuda" or dtype != torch.bfloat16:
         return False
     return torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def resolve_gemm_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The grouped GEMM backend a run uses for `backend` (config value) with compute `dtype`:
-    auto -> grouped_mm where torch has the fast kernel, else loop. A configured backend that
+    auto -> grouped_mm where grouped_mm_fast says so, else loop. A configured backend that
     cannot run here is a one-line ValueError."""
     if backend == "auto":
         return "grouped_mm" if grouped_mm_fast(device, dtype) else "loop"

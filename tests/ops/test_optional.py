@@ -41,7 +41,7 @@ def test_auto_means_torch_even_when_optional_packages_are_installed(monkeypatch)
                         ("apex", "grouped_gemm", "transformer_engine") else real(name, *a))
     assert all(optional.available().values())
     b = resolve_backends(preset("tiny"), CPU)
-    assert (b.norm, b.optimizer, b.gemm, b.fp8) == ("torch", "torch AdamW", "loop", False)
+    assert (b.norm, b.optimizer, b.fp8) == ("torch", "torch AdamW", False) and b.gemm in ("grouped_mm", "loop")
     assert b.precision == "fp32"
 
 
@@ -73,10 +73,18 @@ def test_impossible_backend_combinations_are_one_line_errors(fields, message):
     assert "\n" not in str(err.value)
 
 
-def test_gemm_backend_auto_is_grouped_mm_only_where_torch_has_the_fast_kernel():
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        assert resolve_gemm_backend("auto", CPU, dtype) == "loop"   # CPU: a per-group loop inside torch
+def test_gemm_backend_auto_is_grouped_mm_only_where_torch_runs_it_well(monkeypatch):
+    expected = "grouped_mm" if hasattr(torch, "_grouped_mm") else "loop"
+    for dtype in (torch.float32, torch.bfloat16):        # CPU: torch's C++ loop, no device to sync
+        assert resolve_gemm_backend("auto", CPU, dtype) == expected
+    assert resolve_gemm_backend("auto", CPU, torch.float64) == "loop"    # grouped_mm has no fp64
     assert resolve_gemm_backend("loop", CPU, torch.bfloat16) == "loop"
+    gpu = torch.device("cuda", 0)
+    for capability, dtype, want in [((9, 0), torch.bfloat16, expected), ((10, 0), torch.bfloat16, expected),
+                                    ((8, 0), torch.bfloat16, "loop"), ((9, 0), torch.float32, "loop"),
+                                    ((9, 0), torch.float16, "loop")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_gemm_backend("auto", gpu, dtype) == want, (capability, dtype)
     if hasattr(torch, "_grouped_mm"):
         assert resolve_gemm_backend("grouped_mm", CPU, torch.float32) == "grouped_mm"  # as configured
     with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
@@ -85,7 +93,7 @@ def test_gemm_backend_auto_is_grouped_mm_only_where_torch_has_the_fast_kernel():
 
 def test_backends_line_names_every_choice():
     line = resolve_backends(cfg_with(dtype="bf16"), CPU).describe()
-    for part in ("precision bf16 autocast", "fp32 params", "router", "permutation", "grouped GEMM loop",
+    for part in ("precision bf16 autocast", "fp32 params", "router", "permutation", "grouped GEMM",
                  "norm torch", "optimizer torch AdamW"):
         assert part in line, line
 
