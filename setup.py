@@ -81,7 +81,8 @@ setup(
     description="Mixture-of-Experts LM training: TP/SP, PP, DP (ZeRO-1) and EP around a grouped-GEMM dropless MoE",
     packages=find_packages(include=["megamoe", "megamoe.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "tokenizers"],
+    # orjson: ~2x faster JSON parsing in preprocessing (the stdlib json is the fallback).
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "tokenizers", "orjson"],
     extras_require={
         # tensorboard: the TensorBoard sink's tests run instead of skipping (W&B stays optional)
         "test": ["pytest", "safetensors", "transformers", "matplotlib", "tensorboard"],

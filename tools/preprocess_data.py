@@ -5,7 +5,10 @@ Example:
     python tools/preprocess_data.py --input corpus.jsonl.gz --output-prefix data/corpus \\
         --tokenizer path/to/tokenizer.json --append-eod --workers 8
 
-Thin wrapper over `megamoe.data.preprocess.main` (same as ``python -m megamoe preprocess``).
+Output is byte-identical to Megatron-LM's tools/preprocess_data.py with the same tokenizer (an
+empty document gets no sequence; --keep-empty writes one). SIGTERM (scancel) and Ctrl-C leave no
+partial output. Thin wrapper over `megamoe.data.preprocess.main` (same as ``python -m megamoe
+preprocess``).
 """
 
 import os

@@ -111,7 +111,7 @@ py::array build_sample_idx(const SizesArray& sizes, const DocIdxArray& doc_idx, 
 // dataset_sample_index[size] (int64): sample i of the blend is sample
 // dataset_sample_index[i] of dataset dataset_index[i].
 template <typename IdxT>
-py::tuple blending_impl(const double* w, int64_t num_datasets, int64_t size) {
+py::tuple blending_impl(const double* w, int64_t num_datasets, int64_t size, bool megatron) {
   py::array_t<IdxT> dataset_index(size);
   py::array_t<int64_t> dataset_sample_index(size);
   IdxT* di = dataset_index.mutable_data();
@@ -122,7 +122,8 @@ py::tuple blending_impl(const double* w, int64_t num_datasets, int64_t size) {
     for (int64_t i = 0; i < size; ++i) {
       // Pick the dataset whose realised count lags its target share the most; ties go to
       // the lowest index (strict > below).
-      const double steps = static_cast<double>(i + 1);
+      // megamoe: the share after this pick, w*(i+1). Megatron-Core: w*max(i,1).
+      const double steps = megatron ? static_cast<double>(i > 1 ? i : 1) : static_cast<double>(i + 1);
       int64_t best = 0;
       double best_err = w[0] * steps - static_cast<double>(count[0]);
       for (int64_t d = 1; d < num_datasets; ++d) {
@@ -140,7 +141,9 @@ py::tuple blending_impl(const double* w, int64_t num_datasets, int64_t size) {
   return py::make_tuple(dataset_index, dataset_sample_index);
 }
 
-py::tuple build_blending_indices(const WeightsArray& weights_arr, int64_t size) {
+// megatron: Megatron-Core's variant -- weights used as given (the caller normalises them as
+// Megatron does, bit for bit) and w*max(i,1) in the error.
+py::tuple build_blending_indices(const WeightsArray& weights_arr, int64_t size, bool megatron) {
   if (weights_arr.ndim() != 1 || weights_arr.shape(0) < 1)
     throw std::invalid_argument("build_blending_indices: weights must be a non-empty 1-D array");
   if (size < 0) throw std::invalid_argument("build_blending_indices: size must be >= 0");
@@ -158,9 +161,9 @@ py::tuple build_blending_indices(const WeightsArray& weights_arr, int64_t size) 
   }
   if (!(total > 0.0)) throw std::invalid_argument("build_blending_indices: weights sum to 0");
   std::vector<double> w(num_datasets);
-  for (int64_t d = 0; d < num_datasets; ++d) w[d] = raw[d] / total;
-  if (num_datasets <= 256) return blending_impl<uint8_t>(w.data(), num_datasets, size);
-  return blending_impl<int16_t>(w.data(), num_datasets, size);
+  for (int64_t d = 0; d < num_datasets; ++d) w[d] = megatron ? raw[d] : raw[d] / total;
+  if (num_datasets <= 256) return blending_impl<uint8_t>(w.data(), num_datasets, size, megatron);
+  return blending_impl<int16_t>(w.data(), num_datasets, size, megatron);
 }
 
 }  // namespace
@@ -172,5 +175,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("drop_last_partial_sequence") = true, py::arg("use_int64") = true,
         "Sample index [num_samples + 1, 2] over a shuffled document stream (one-token overlap).");
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
+        py::arg("megatron") = false,
         "Greedy blending: (dataset_index[size], dataset_sample_index[size]).");
 }

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from megamoe.data.blending import BlendedDataset, blending_indices, samples_per_dataset
+from megamoe.data.blending import BlendedDataset, blending_indices, megatron_dataset_sizes, samples_per_dataset
 from megamoe.data.cache import barrier, dist_rank_world
 from megamoe.data.corpus import build_default_corpus
 from megamoe.data.gpt_dataset import SPLIT_NAMES, GPTDataset, split_document_ranges
@@ -52,7 +52,8 @@ def _default_corpus(data_cfg, vocab_size: int, log):
 
 
 def _split_datasets(indexed: list[IndexedDataset], weights: list[float] | None, split: str, which: int,
-                    seq_length: int, num_samples: int, seed: int, cache_dir: str | None, log):
+                    seq_length: int, num_samples: int, seed: int, cache_dir: str | None, log,
+                    order: str = "megamoe", vocab_size: int | None = None):
     """One split (0 train, 1 valid, 2 test) of all paths, blended; None if it has no tokens."""
     name = SPLIT_NAMES[which]
     docs, tokens = [], []
@@ -66,11 +67,15 @@ def _split_datasets(indexed: list[IndexedDataset], weights: list[float] | None, 
     if not live or num_samples <= 0:
         return None
     if len(indexed) == 1:
-        return GPTDataset(indexed[0], docs[0], seq_length, num_samples, seed, cache_dir, name, log)
+        return GPTDataset(indexed[0], docs[0], seq_length, num_samples, seed, cache_dir, name, log,
+                          order=order, vocab_size=vocab_size)
     w = [weights[k] if k in live else 0.0 for k in range(len(indexed))]
-    indices = blending_indices(w, num_samples, cache_dir, name, log)
+    indices = blending_indices(w, num_samples, cache_dir, name, log, order)
     counts = samples_per_dataset(indices[0], len(indexed))
-    parts = [GPTDataset(indexed[k], docs[k], seq_length, int(counts[k]), seed, cache_dir, f"{name}{k}", log)
+    if order == "megatron":  # Megatron builds each dataset with a 0.5% surplus: that sets its epochs
+        counts = np.maximum(counts, megatron_dataset_sizes(w, num_samples))
+    parts = [GPTDataset(indexed[k], docs[k], seq_length, int(counts[k]), seed, cache_dir, f"{name}{k}", log,
+                        order=order, vocab_size=vocab_size)
              if counts[k] > 0 else None for k in range(len(indexed))]
     return BlendedDataset(parts, w, num_samples, name=name, indices=indices)
 
@@ -80,7 +85,9 @@ def build_datasets(data_cfg, seq_length: int, train_samples: int, valid_samples:
     """-> (train_ds, valid_ds or None, TokenizerInfo or None).
 
     data_cfg: megamoe.config.DataConfig. vocab_size: the model's vocabulary size, used to train
-    the default corpus tokenizer (default 2048). rank: only rank 0 logs. With
+    the default corpus tokenizer (default 2048) and to check every dataset's token ids against
+    (a ValueError naming the dataset and the id; the largest id is computed once and cached).
+    rank: only rank 0 logs. With
     torch.distributed initialised, rank 0 builds missing caches while the others wait.
     valid_ds is None when the valid split has no documents or valid_samples is 0. The
     TokenizerInfo is None when data.paths are given without data.tokenizer.
@@ -104,11 +111,15 @@ def build_datasets(data_cfg, seq_length: int, train_samples: int, valid_samples:
     if weights is not None and len(weights) != len(prefixes):
         raise ValueError(f"data.weights has {len(weights)} entries but data.paths has {len(prefixes)}")
     indexed = [IndexedDataset(p) for p in prefixes]
-    train = _split_datasets(indexed, weights, data_cfg.split, 0, seq_length, train_samples, seed, cache_dir, log)
+    order = getattr(data_cfg, "sample_order", "megamoe")
+    common = dict(order=order, vocab_size=vocab_size)
+    train = _split_datasets(indexed, weights, data_cfg.split, 0, seq_length, train_samples, seed, cache_dir, log,
+                            **common)
     if train is None:
         raise ValueError(f"the train split of {', '.join(prefixes)} has no tokens "
                          f"(data.split={data_cfg.split!r}, train_samples={train_samples})")
-    valid = _split_datasets(indexed, weights, data_cfg.split, 1, seq_length, valid_samples, seed, cache_dir, log)
+    valid = _split_datasets(indexed, weights, data_cfg.split, 1, seq_length, valid_samples, seed, cache_dir, log,
+                            **common)
     if valid is None and valid_samples > 0:
         log(f"no validation data (data.split={data_cfg.split!r}); evaluation is skipped")
     info = tokenizer_info(tok_spec) if tok_spec else None

@@ -134,9 +134,11 @@ def _index_dtype(num_datasets: int):
     return np.uint8 if num_datasets <= 256 else np.int16
 
 
-def build_blending_indices_numpy(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+def build_blending_indices_numpy(weights, size: int, megatron: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Reference of `build_blending_indices`: a plain loop, O(size * D) (~1 us per sample)."""
     w = _normalised_weights(weights).tolist()
+    if megatron:
+        w = np.ascontiguousarray(weights, dtype=np.float64).tolist()  # used as given
     if size < 0:
         raise ValueError("build_blending_indices: size must be >= 0")
     num = len(w)
@@ -144,7 +146,7 @@ def build_blending_indices_numpy(weights, size: int) -> tuple[np.ndarray, np.nda
     dataset_index = np.empty(size, dtype=_index_dtype(num))
     dataset_sample_index = np.empty(size, dtype=np.int64)
     for i in range(size):
-        steps = float(i + 1)
+        steps = float(max(i, 1)) if megatron else float(i + 1)
         best, best_err = 0, w[0] * steps - counts[0]
         for d in range(1, num):
             err = w[d] * steps - counts[d]
@@ -156,18 +158,21 @@ def build_blending_indices_numpy(weights, size: int) -> tuple[np.ndarray, np.nda
     return dataset_index, dataset_sample_index
 
 
-def build_blending_indices(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+def build_blending_indices(weights, size: int, megatron: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Greedy blend of D datasets into ``size`` samples.
 
     weights[D] >= 0 (normalised here). At step i the chosen dataset is
     argmax_d(w_d * (i + 1) - count_d), the one whose realised share lags its weight the most
     (ties -> lowest index). Returns dataset_index[size] (uint8 if D <= 256, else int16) and
     dataset_sample_index[size] (int64; the running count of the chosen dataset).
+    megatron: Megatron-Core's formula instead, argmax_d(w_d * max(i, 1) - count_d), with the
+    weights used exactly as given (normalise them as Megatron does, see blending.py).
     """
     ext = _load_ext()
-    if ext is None:
-        return build_blending_indices_numpy(weights, size)
+    # An extension built before the megatron option existed cannot do it: use the reference.
+    if ext is None or (megatron and "megatron" not in (ext.build_blending_indices.__doc__ or "")):
+        return build_blending_indices_numpy(weights, size, megatron)
     _normalised_weights(weights)  # same ValueErrors as the reference
     if size < 0:
         raise ValueError("build_blending_indices: size must be >= 0")
-    return ext.build_blending_indices(np.ascontiguousarray(weights, dtype=np.float64), int(size))
+    return ext.build_blending_indices(np.ascontiguousarray(weights, dtype=np.float64), int(size), bool(megatron))

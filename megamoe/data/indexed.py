@@ -15,8 +15,9 @@ Layout (little-endian)::
 The preprocessor writes one sequence per document, so "sequence" and "document" coincide
 for data we produce; the reader accepts the general form.
 
-Writing goes to temporary files that are renamed into place by `finalize()`, so an
-interrupted run never leaves a pair that looks valid. Reading memory-maps both files and
+Writing goes to temporary files (``PREFIX.bin.tmp.<host>.<pid>``) that are renamed into place by
+`finalize()`, so an interrupted run never leaves a pair that looks valid; a builder removes the
+temporaries that killed writers of the same prefix on this host left behind. Reading memory-maps both files and
 validates the index on open; corrupt inputs raise `IndexedDatasetError` (a ValueError)
 with one line saying what is wrong.
 """
@@ -24,8 +25,11 @@ with one line saying what is wrong.
 from __future__ import annotations
 
 import array
+import glob
+import hashlib
 import os
 import shutil
+import socket
 import struct
 
 import numpy as np
@@ -91,6 +95,39 @@ def encode_index(dtype, sequence_lengths, document_indices) -> bytes:
 
 # ------------------------------------------------------------------------------------ writer
 
+_HOST = socket.gethostname().replace(os.sep, "_") or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # exists (another user's process), or not a pid we can judge: keep the file
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Delete ``PREFIX.{bin,idx}.tmp.*`` whose writer on this host is dead; -> the paths removed.
+
+    A writer killed by SIGKILL (or a node crash) cannot clean up after itself. Files of live
+    processes and of other hosts (a shared file system) are left alone; names without a host
+    (older megamoe) count as this host's.
+    """
+    removed = []
+    for path in sorted(glob.glob(glob.escape(prefix) + ".bin.tmp.*") + glob.glob(glob.escape(prefix) + ".idx.tmp.*")):
+        host, _, pid = path[len(prefix) + len(".bin.tmp."):].rpartition(".")
+        if not pid.isdigit() or (host or _HOST) != _HOST or _pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass  # another process cleaned it up at the same time
+    return removed
+
+
 class IndexedDatasetBuilder:
     """Append documents, then `finalize()` to atomically publish ``prefix.bin``/``prefix.idx``.
 
@@ -104,8 +141,9 @@ class IndexedDatasetBuilder:
         parent = os.path.dirname(os.path.abspath(prefix))
         if not os.path.isdir(parent):
             raise ValueError(f"output directory {parent!r} does not exist")
+        self.removed_stale = remove_stale_temporaries(prefix)
         # Names that a reader would never pick up as a dataset.
-        tag = f".tmp.{os.getpid()}"
+        tag = f".tmp.{_HOST}.{os.getpid()}"
         self._bin_tmp = bin_path(prefix) + tag
         self._idx_tmp = idx_path(prefix) + tag
         self._bin = open(self._bin_tmp, "wb")
@@ -133,16 +171,25 @@ class IndexedDatasetBuilder:
         """Append one sequence (1-D array-like of token ids)."""
         self._lengths.append(self._write_tokens(tokens))
 
-    def add_documents(self, tokens, lengths) -> None:
-        """Append many one-sequence documents at once: tokens[sum(lengths)] back to back."""
+    def add_documents(self, tokens, lengths, keep_empty: bool = True) -> None:
+        """Append many one-sequence documents at once: tokens[sum(lengths)] back to back.
+
+        keep_empty False: a document of length 0 gets no sequence, only its (repeated)
+        boundary -- what Megatron's ``add_document([], [])`` writes for an empty document.
+        """
         tokens = np.asarray(tokens)
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
         self._write_tokens(tokens)  # one write for the whole batch
         base = len(self._lengths)
-        self._lengths.extend(lengths.tolist())
-        self._doc_bounds.extend(range(base + 1, base + 1 + lengths.size))
+        if keep_empty:
+            self._lengths.extend(lengths.tolist())
+            self._doc_bounds.extend(range(base + 1, base + 1 + lengths.size))
+        else:
+            has = lengths > 0
+            self._lengths.extend(lengths[has].tolist())
+            self._doc_bounds.extend((base + np.cumsum(has)).tolist())
 
     def end_document(self) -> None:
         self._doc_bounds.append(len(self._lengths))
@@ -280,6 +327,7 @@ class IndexedDataset:
         self.prefix = prefix
         self.dtype, self.sequence_lengths, self.sequence_offsets, self.document_indices = \
             _read_index(idx_path(prefix))
+        self._digest = None
         bpath = bin_path(prefix)
         if not os.path.isfile(bpath):
             raise IndexedDatasetError(f"data file {bpath!r} not found (index {idx_path(prefix)!r} exists)")
@@ -327,6 +375,44 @@ class IndexedDataset:
             raise IndexError(f"range [{offset}, {offset + length}) outside sequence {idx} of length {size}")
         start = self._start(idx) + offset
         return self._tokens[start:start + length]
+
+    def content_digest(self) -> str:
+        """Digest of what dataset indices are built from: dtype, sequence lengths, documents.
+
+        Computed once per object (hashing runs at GB/s over the memory-mapped .idx arrays).
+        Index caches keyed by it cannot be confused by a re-preprocessed corpus of the same size.
+        """
+        if self._digest is None:
+            h = hashlib.sha256(struct.pack("<BQQ", CODE_OF_DTYPE[np.dtype(self.dtype)],
+                                           len(self.sequence_lengths), len(self.document_indices)))
+            for arr in (self.sequence_lengths, self.document_indices):
+                if arr.size:
+                    h.update(np.ascontiguousarray(arr).view(np.uint8))
+            self._digest = h.hexdigest()[:32]
+        return self._digest
+
+    def token_range(self, sequences, chunk_tokens: int = 1 << 24) -> tuple[int, int] | None:
+        """(smallest, largest) token id over `sequences`, or None if they hold no tokens.
+
+        Reads the memory map in chunks (bounded memory); consecutive sequence ids are one
+        contiguous run of the .bin, so a split (a document range) is one sequential pass.
+        """
+        seqs = np.unique(np.asarray(sequences, dtype=np.int64))
+        if not seqs.size:
+            return None
+        if seqs[0] < 0 or seqs[-1] >= len(self):
+            raise IndexError(f"sequence ids must lie in [0, {len(self)})")
+        breaks = np.flatnonzero(np.diff(seqs) != 1) + 1
+        firsts, lasts = seqs[np.r_[0, breaks]], seqs[np.r_[breaks - 1, seqs.size - 1]]
+        lo = hi = None
+        for first, last in zip(firsts.tolist(), lasts.tolist()):
+            end = self._start(last) + int(self.sequence_lengths[last])
+            for a in range(self._start(first), end, chunk_tokens):
+                part = self._tokens[a:min(a + chunk_tokens, end)]
+                p_lo, p_hi = int(part.min()), int(part.max())
+                lo = p_lo if lo is None else min(lo, p_lo)
+                hi = p_hi if hi is None else max(hi, p_hi)
+        return None if lo is None else (lo, hi)
 
     # Pickle by path (DataLoader workers started with spawn reopen the memory maps instead of
     # receiving a copy of the data).
