@@ -9,8 +9,10 @@ Protocol used by the trainer:
                                                    evaluate(trainer, batches): the PipelineRunner
                                                    under pp > 1, else the plain micro-batch loop
   pipeline                                         PipelineRunner under pp > 1, else None
-  no_sync(model, last)                             context for one micro-batch's backward
-  reduce_grads(model)                              after the last micro-batch
+  no_sync(model, last)                             context for one micro-batch's backward of
+                                                   `model` (or of one pipeline chunk); last=True
+                                                   lets the DP reduction start during it
+  reduce_grads(model)                              after the last micro-batch: completes it
   grad_norm(model) -> fp32 tensor                  global norm, every element counted once
   average_over_dp(t)                               mean over DP ranks (losses; identical over TP)
   sum_over_dp(t)                                   sum of a per-rank MoE statistic (expert load)
@@ -28,8 +30,6 @@ TP/EP/ETP/DP/ZeRO/pipeline split, or a single process), and single-process ones 
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -53,10 +53,17 @@ class ParallelContext:
 
     # ----------------------------------------------------------------------------- gradients
     def no_sync(self, model, last: bool):
-        # Gradients are reduced once in reduce_grads(); nothing to suppress per micro-batch.
-        return contextlib.nullcontext()
+        """Context around one backward of `model`: the model, or a pipeline chunk (anything with
+        parameters()). last=False (earlier micro-batches): gradients only accumulate. last=True:
+        the step's last backward through those parameters, so each gradient is final once
+        accumulated and GradReducer launches a bucket's all-reduce as soon as the bucket is
+        complete, overlapping the rest of the backward (ZeRO-1: no effect)."""
+        return self.grads.no_sync(model.parameters(), last)
 
     def reduce_grads(self, model) -> None:
+        """Finish the data-parallel reduction: the tied-embedding sum first (its gradient is
+        marked late, so GradReducer did not start it during backward), then wait on / launch
+        the buckets."""
         if self.pipeline is not None:
             self.pipeline.sync_tied_grads()
         self.grads.reduce_grads()

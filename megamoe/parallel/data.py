@@ -7,18 +7,25 @@ expert gradients are sums of per-rank token shares, hence a sum over the larger 
 still a division by dp only.
 
 GradReducer     plain DP: flattens gradients into buckets (one reduce group per bucket) and
-                all-reduces them; the optimizer is an ordinary torch AdamW on the local shards.
+                all-reduces them asynchronously, overlapped with the step's last backward: a
+                bucket starts as soon as all its gradients are final (see GradReducer); the
+                optimizer is an ordinary torch AdamW on the local shards.
 ZeroOptimizer   ZeRO-1: parameters and gradients live in flat buffers (p.data / p.grad are
                 views); each rank owns a contiguous 1/n slice of every buffer and keeps the fp32
-                master copy and AdamW moments of that slice only. Gradients are reduce-scattered,
-                the slice is stepped with torch AdamW (same per-element math as the single-
-                process optimizer), and the parameters are all-gathered back.
-Both expose reduce_grads() and grad_norm() for ParallelContext. The norm counts every global
-element once: TP shards each once, TP copies on TP rank 0 only, DP / expert-DP replicas once.
+                master copy and AdamW moments of that slice only. Gradients are reduce-scattered
+                after backward (not overlapped: the reduce-scatter must cover a whole buffer
+                to keep the contiguous 1/n ownership), the slice is stepped with torch AdamW
+                (same per-element math as the single-process optimizer), and the parameters are
+                all-gathered back in chunks of at most bucket_numel elements, a few in flight.
+Both expose no_sync(params, last), reduce_grads() and grad_norm() for ParallelContext. The norm
+counts every global element once: TP shards each once, TP copies on TP rank 0 only, DP /
+expert-DP replicas once.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 
 import torch
@@ -32,7 +39,16 @@ from megamoe.parallel.params import get_spec
 from megamoe.precision import accum_dtype, upcast
 from megamoe.training.optim import param_groups
 
-DEFAULT_BUCKET_NUMEL = 2 ** 24   # 64 MiB of fp32 per all-reduce
+DEFAULT_BUCKET_NUMEL = 2 ** 24   # 64 MiB of fp32 per all-reduce / all-gather
+GATHER_IN_FLIGHT = 2             # ZeRO-1 parameter all-gathers outstanding at once
+LATE_GRAD_ATTR = "_megamoe_late_grad"
+
+
+def mark_late_grad(p: torch.Tensor) -> None:
+    """p's gradient still changes after backward, before reduce_grads (the tied embedding's
+    cross-stage sum, PipelineRunner.sync_tied_grads): GradReducer must not reduce it early.
+    Mark before the data-parallel reducer is built."""
+    setattr(p, LATE_GRAD_ATTR, True)
 
 
 def counts_in_norm(p: torch.Tensor, mesh: ParallelMesh) -> bool:
@@ -55,44 +71,142 @@ def _global_norm(local_sq: torch.Tensor) -> torch.Tensor:
     return local_sq.sqrt()
 
 
-class GradReducer:
-    def __init__(self, model: torch.nn.Module, mesh: ParallelMesh, bucket_numel: int = DEFAULT_BUCKET_NUMEL):
-        self.model, self.mesh = model, mesh
-        by_group: dict[str, list[torch.nn.Parameter]] = {}
-        # Reverse order: backward finishes the last layers first (ready for overlapping later).
-        for p in reversed([p for p in model.parameters() if p.requires_grad]):
-            by_group.setdefault(get_spec(p).reduce_group, []).append(p)
-        self.buckets: list[tuple[str, list[torch.nn.Parameter]]] = []
-        for name in sorted(by_group):             # same order on every rank
-            current, numel = [], 0
-            for p in by_group[name]:
-                if current and numel + p.numel() > bucket_numel:
-                    self.buckets.append((name, current))
-                    current, numel = [], 0
-                current.append(p)
-                numel += p.numel()
-            if current:
-                self.buckets.append((name, current))
+class _GradBucket:
+    """Gradients of some parameters sharing a reduce group, all-reduced as one flat tensor."""
 
-    def reduce_grads(self) -> None:
-        pending = []
-        for name, params in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = _flatten_dense_tensors(grads)
-            work = None
-            if self.mesh.size(name) > 1:
-                work = dist.all_reduce(flat, group=self.mesh.group(name), async_op=True)
-            pending.append((name, work, flat, params, grads))
-        for name, work, flat, params, grads in pending:
-            if work is not None:
-                with guarded(self.mesh.group(name)):
-                    work.wait()
-            flat.div_(self.mesh.dp)
-            for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+    def __init__(self, name: str, params: list, late: bool, mesh: ParallelMesh):
+        self.name, self.params, self.late = name, params, late
+        self.group, self.size = mesh.group(name), mesh.size(name)
+        self.pending = 0                 # parameters not yet final in this step
+        self.work = self.flat = self.grads = None
+
+    def launch(self) -> None:
+        """Start the all-reduce of the current gradients. The flat tensor is a copy, except for
+        a bucket of one parameter: then it is a view and .grad is reduced in place (no copy of
+        the large embedding / head), so until reduce_grads its value is in flux."""
+        if self.size == 1:
+            return                       # nothing to exchange; finish() scales in place
+        self.grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.flat = _flatten_dense_tensors(self.grads)
+        with guarded(self.group):
+            self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+
+    def finish(self, dp: int) -> None:
+        """Wait for the all-reduce, divide by dp and write the result into the .grad tensors."""
+        if self.work is None:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                elif dp > 1:
+                    p.grad.div_(dp)
+        else:
+            with guarded(self.group):
+                self.work.wait()
+            self.flat.div_(dp)
+            for p, g in zip(self.params, _unflatten_dense_tensors(self.flat, self.grads)):
                 if p.grad is None:
                     p.grad = g.clone()
                 else:
                     p.grad.copy_(g)
+        self.work, self.flat, self.grads = None, None, None
+
+
+class GradReducer:
+    """Plain data parallel: bucketed all-reduce of the gradients, overlapped with backward.
+
+    Buckets hold parameters of one reduce group, in backward order (last layers first), and
+    are launched in one fixed order: by when their last parameter is expected to be final,
+    parameters marked with mark_late_grad in buckets of their own at the end. Every rank of
+    a group holds the same parameters, so each group sees the same sequence of collectives.
+
+    Readiness: no_sync(params, last=True) arms `params` for the step's last backward through
+    them (MicroBatchLoop: the whole model before the last micro-batch; PipelineRunner: each
+    chunk when its last micro-batch's backward starts). A post-accumulate-grad hook marks an
+    armed parameter final when its gradient is accumulated; when the next bucket in launch
+    order has no pending parameter, it (and every following complete one) is launched with
+    an async all-reduce, while the rest of the backward runs. Launching strictly in order
+    keeps the collectives matched across ranks even if readiness order differed. Gradients of
+    earlier micro-batches (not armed) only accumulate.
+
+    reduce_grads() launches what is left, in the same order (buckets with a parameter that
+    got no gradient in the last backward: unused experts, parameters outside the graph; late
+    ones; everything when nothing was armed), then waits on each bucket, divides by dp and
+    writes the result back; a missing gradient counts as zeros. overlap=False never arms
+    (everything is reduced in reduce_grads, as before)."""
+
+    def __init__(self, model: torch.nn.Module, mesh: ParallelMesh, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+                 overlap: bool = True):
+        self.model, self.mesh, self.overlap = model, mesh, overlap
+        # Reverse order: backward finishes the last layers first.
+        order = list(reversed([p for p in model.parameters() if p.requires_grad]))
+        by_group: dict[tuple[bool, str], list[torch.nn.Parameter]] = {}
+        for p in order:
+            by_group.setdefault((bool(getattr(p, LATE_GRAD_ATTR, False)), get_spec(p).reduce_group), []).append(p)
+        self.buckets: list[_GradBucket] = []
+        for late, name in sorted(by_group):          # same order on every rank
+            current, numel = [], 0
+            for p in by_group[(late, name)]:
+                if current and numel + p.numel() > bucket_numel:
+                    self.buckets.append(_GradBucket(name, current, late, mesh))
+                    current, numel = [], 0
+                current.append(p)
+                numel += p.numel()
+            if current:
+                self.buckets.append(_GradBucket(name, current, late, mesh))
+        # Launch order: a bucket is complete when its last parameter (in backward order) is,
+        # so sort by that; groups interleave instead of one group waiting for all of another.
+        position = {id(p): i for i, p in enumerate(order)}
+        self.buckets.sort(key=lambda b: (b.late, position[id(b.params[-1])]))
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._accumulated) for p in order]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._armed: set[int] = set()   # ids of params in their last backward of the step
+        self._final: set[int] = set()   # ids of params whose gradient is final
+        self._next = 0                   # index of the next bucket to launch
+        for b in self.buckets:
+            b.pending = 0 if b.late else len(b.params)
+
+    @contextlib.contextmanager
+    def no_sync(self, params, last: bool):
+        """Context around one backward through `params`; last=True: the step's last one."""
+        if last and self.overlap:
+            self._armed.update(id(p) for p in params if id(p) in self._bucket_of)
+        yield
+
+    def _accumulated(self, p: torch.Tensor) -> None:
+        key = id(p)
+        if key not in self._armed:
+            return                       # an earlier micro-batch: gradients only accumulate
+        if key in self._final:
+            # A second accumulation in the "last" backward (a parameter used in two backward
+            # passes after no_sync(last=True)): its bucket may already be reduced without it.
+            raise RuntimeError("a gradient was accumulated again after its last backward of the "
+                               "step had completed it; call no_sync(..., last=True) only around "
+                               "the last backward through those parameters")
+        self._final.add(key)
+        b = self.buckets[self._bucket_of[key]]
+        if not b.late:
+            b.pending -= 1
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].pending == 0 \
+                and not self.buckets[self._next].late:
+            self.buckets[self._next].launch()
+            self._next += 1
+
+    def reduce_grads(self) -> None:
+        # Whatever did not start during backward starts now, still in bucket order.
+        while self._next < len(self.buckets):
+            self.buckets[self._next].launch()
+            self._next += 1
+        try:
+            for b in self.buckets:
+                b.finish(self.mesh.dp)
+        finally:
+            self._reset()
 
     def grad_norm(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -176,11 +290,12 @@ class _Bucket:
 
 class ZeroOptimizer:
     """ZeRO-1 AdamW. Same interface as the torch optimizer the trainer uses (param_groups,
-    zero_grad, step, state_dict, load_state_dict) plus reduce_grads() / grad_norm().
+    zero_grad, step, state_dict, load_state_dict) plus no_sync() / reduce_grads() / grad_norm().
     zero_grad always zeroes the flat gradient buffer (set_to_none is ignored: the views must stay)."""
 
-    def __init__(self, model: torch.nn.Module, optim_cfg, mesh: ParallelMesh):
-        self.mesh = mesh
+    def __init__(self, model: torch.nn.Module, optim_cfg, mesh: ParallelMesh,
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL):
+        self.mesh, self.bucket_numel = mesh, bucket_numel   # bucket_numel: per parameter all-gather
         decay_ids = {id(p) for p in param_groups(model, optim_cfg.weight_decay)[0]["params"]}
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.buckets: list[_Bucket] = []
@@ -205,6 +320,10 @@ class ZeroOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
             b.attach_grads()
+
+    def no_sync(self, params, last: bool):
+        """Nothing to arm: the reduce-scatter runs in reduce_grads (see the module docstring)."""
+        return contextlib.nullcontext()
 
     def reduce_grads(self) -> None:
         tp_group = self.mesh.group("tp")
@@ -236,14 +355,42 @@ class ZeroOptimizer:
         for b in self.buckets:
             b.master.grad = upcast(b.grad_buf[b.lo:b.hi])
         self.inner.step()
-        for b in self.buckets:
-            self._publish(b)
+        self._publish(self.buckets)
 
-    def _publish(self, b: _Bucket) -> None:
-        """Copy the stepped master slice into the params and all-gather every rank's slice."""
-        b.param_buf[b.lo:b.hi].copy_(b.master.detach())
-        if b.size > 1:
-            C.all_gather_flat(b.param_buf, b.param_buf[b.lo:b.hi].clone(), b.group)
+    def _publish(self, buckets: list[_Bucket]) -> None:
+        """Copy each stepped master slice into the params and all-gather every rank's slice.
+
+        In chunks: each collective gathers at most bucket_numel elements (a piece of every
+        rank's slice, into a temporary buffer), GATHER_IN_FLIGHT of them outstanding, so the
+        temporary memory is bounded and the copies out of one chunk overlap the transfer of
+        the next. Every rank walks the same buckets and chunks in the same order."""
+        in_flight = collections.deque()
+        for b in buckets:
+            b.param_buf[b.lo:b.hi].copy_(b.master.detach())
+            if b.size == 1:
+                continue
+            step = max(1, self.bucket_numel // b.size)
+            for start in range(0, b.shard_numel, step):
+                n = min(step, b.shard_numel - start)
+                if len(in_flight) == GATHER_IN_FLIGHT:
+                    self._place_gathered(*in_flight.popleft())
+                out = torch.empty(b.size * n, dtype=b.param_buf.dtype, device=b.param_buf.device)
+                # The input is this rank's own range, which nothing writes until the end.
+                with guarded(b.group):
+                    work = C._all_gather_flat(out, b.param_buf[b.lo + start:b.lo + start + n],
+                                              group=b.group, async_op=True)
+                in_flight.append((b, start, n, out, work))
+        while in_flight:
+            self._place_gathered(*in_flight.popleft())
+
+    @staticmethod
+    def _place_gathered(b: _Bucket, start: int, n: int, out: torch.Tensor, work) -> None:
+        with guarded(b.group):
+            work.wait()
+        for r in range(b.size):
+            if r != b.rank:
+                o = r * b.shard_numel + start
+                b.param_buf[o:o + n].copy_(out[r * n:(r + 1) * n])
 
     # --------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -260,7 +407,7 @@ class ZeroOptimizer:
         self.inner.load_state_dict(state["inner"])
         for b, master in zip(self.buckets, state["masters"]):
             b.master.copy_(master)
-            self._publish(b)
+        self._publish(self.buckets)
 
     def param_state_pieces(self) -> dict[str, dict]:
         """This rank's share of the AdamW state, per parameter name (layout-independent form for
@@ -315,7 +462,7 @@ class ZeroOptimizer:
                 self.inner.state[b.master] = {"step": torch.tensor(max(steps)), **moments}
             else:
                 self.inner.state.pop(b.master, None)
-            self._publish(b)
+        self._publish(self.buckets)
 
 
-__all__ = ["GradReducer", "ZeroOptimizer", "counts_in_norm", "DEFAULT_BUCKET_NUMEL"]
+__all__ = ["GradReducer", "ZeroOptimizer", "counts_in_norm", "mark_late_grad", "DEFAULT_BUCKET_NUMEL"]

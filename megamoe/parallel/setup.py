@@ -70,15 +70,19 @@ def build_pipeline(model, setup: MeshSetup, chunk_layers, cfg, dtype: torch.dtyp
 
 
 def build_data_parallel(model, mesh: ParallelMesh, optim_cfg, zero1: bool, bucket_numel: int | None = None):
-    """(optimizer, grads): grads has reduce_grads() and grad_norm(). Call after the model is on
-    its device (ZeRO-1 turns the parameters into views of flat buffers)."""
+    """(optimizer, grads): grads has no_sync(), reduce_grads() and grad_norm(). Call after the
+    model is on its device and in its final form, and after build_pipeline (ZeRO-1 turns the
+    parameters into views of flat buffers; GradReducer hooks every parameter and needs the
+    pipeline's late-gradient marks). bucket_numel: elements per all-reduce (GradReducer) or
+    per parameter all-gather (ZeRO-1); default DEFAULT_BUCKET_NUMEL."""
+    kwargs = {} if bucket_numel is None else {"bucket_numel": bucket_numel}
     if zero1:
         if optim_cfg.impl == "apex":
             raise ValueError("optim.impl apex does not combine with parallel.zero1 (ZeRO-1 steps "
                              "torch AdamW on its fp32 shards); use optim.impl torch")
-        opt = ZeroOptimizer(model, optim_cfg, mesh)
+        opt = ZeroOptimizer(model, optim_cfg, mesh, **kwargs)
         return opt, opt
-    reducer = GradReducer(model, mesh) if bucket_numel is None else GradReducer(model, mesh, bucket_numel)
+    reducer = GradReducer(model, mesh, **kwargs)
     return build_optimizer(model, optim_cfg), reducer
 
 
