@@ -12,6 +12,7 @@ its own piece. The pairs below are each other's transposes:
     reduce_scatter(x,dim) fwd reduce-scatter      bwd all-gather     (sequence parallel: leave)
     all_gather(x, dim)    fwd all-gather          bwd reduce-scatter (sequence parallel: enter)
     all_to_all(x, in_splits, out_splits)  rows exchanged by split sizes; bwd the reverse exchange
+    all_to_all_grad_as(x, ..., grad_dtype) the same, the backward exchange in grad_dtype
 
 All return x unchanged (no communication) when the group has one rank.
 """
@@ -190,6 +191,24 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all_rows(grad, ctx.group, ctx.out_splits, ctx.in_splits), None, None, None, None
 
 
+class _AllToAllGradAs(_AllToAll):
+    """_AllToAll whose backward exchange travels in `grad_dtype` (and is returned in x's dtype):
+    for a forward tensor kept in a wider dtype than its gradient needs."""
+
+    @staticmethod
+    def forward(ctx, x, group, in_splits, out_splits, on_send, grad_dtype):
+        ctx.grad_dtype, ctx.x_dtype = grad_dtype, x.dtype
+        return _AllToAll.forward(ctx, x, group, in_splits, out_splits, on_send)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.to(ctx.grad_dtype)
+        if ctx.on_send is not None:
+            ctx.on_send(grad, ctx.out_splits, True)
+        out = _all_to_all_rows(grad, ctx.group, ctx.out_splits, ctx.in_splits)
+        return out.to(ctx.x_dtype), None, None, None, None, None
+
+
 # --------------------------------------------------------------------------- public functions
 
 def copy_to(x, group):
@@ -229,5 +248,17 @@ def all_to_all(x, group, in_splits: list[int], out_splits: list[int], on_send=No
     return _AllToAll.apply(x, group, list(in_splits), list(out_splits), on_send)
 
 
+def all_to_all_grad_as(x, group, in_splits: list[int], out_splits: list[int], grad_dtype: torch.dtype,
+                       on_send=None):
+    """all_to_all whose backward sends the gradient in `grad_dtype` (returned in x's dtype). For
+    a tensor sent in a wider dtype than its gradient needs (e.g. fp32 partial sums whose
+    gradients are exactly bf16 values): the backward exchange keeps the narrow dtype's bytes."""
+    if group_size(group) == 1:
+        return x
+    if grad_dtype == x.dtype:
+        return all_to_all(x, group, in_splits, out_splits, on_send)
+    return _AllToAllGradAs.apply(x, group, list(in_splits), list(out_splits), on_send, grad_dtype)
+
+
 __all__ = ["copy_to", "reduce_from", "sum_across", "scatter_to", "gather_from", "reduce_scatter",
-           "all_gather", "all_to_all", "all_reduce_", "all_gather_flat", "reduce_scatter_flat", "group_size", "group_rank"]
+           "all_gather", "all_to_all", "all_to_all_grad_as", "all_reduce_", "all_gather_flat", "reduce_scatter_flat", "group_size", "group_rank"]

@@ -1,13 +1,52 @@
 """Expert parallelism: the all-to-all token dispatcher and expert-weight sharding.
 
 Legend: T local tokens, K top-k, H hidden, E experts in total, El = E/ep experts on this rank,
-I expert hidden, Il = I/etp its slice under expert-TP, N rows.
+I expert hidden, Il = I/etp its slice under expert-TP, N rows (token copies, one per expert),
+P pairs (token, destination EP rank) with at least one of the token's experts on that rank.
 
 AllToAllDispatcher has LocalDispatcher's API (megamoe.moe.dispatch):
   dispatch(x[T, H], topk_idx[T, K], num_valid=None) -> x_local[N_in, H] expert-major over this rank's El experts,
                                        counts_local[El], ctx
   combine(y_local[N_in, H], topk_weight[T, K], ctx) -> y[T, H]
-Steps of dispatch:
+
+Deduplicated dispatch (dedup=True, the default): a token crosses the network ONCE per EP rank
+that holds any of its experts, not once per expert.
+  dispatch
+  1. per destination rank: the token-slots per expert and the number of (token, rank) pairs,
+     [ep, El+1] int64; the exchange of these counts starts (async all_to_all_single)
+  2. while they travel: the pairs, rank-major and in token order inside a rank (a stable sort
+     of the [T, ep] pair matrix, ops.sort_by_expert with the ranks as "experts"), and for each
+     pair the token's K local expert ids on that rank (-1: the slot is elsewhere or dropped)
+  3. ONE device-to-host transfer of all split sizes (the only host sync of the layer's
+     forward; backward reuses them)
+  4. exchange the pair rows and their K local ids (same split sizes; ids int8 or int32)
+  5. expert-TP: all-gather rows and ids over the etp group
+  6. the receiving rank expands each pair into its local experts: ops.permute of the received
+     rows with the received ids, expert-major and stable (inside an expert: etp peer, source
+     rank, token order -- the same rows in the same order as the per-expert path, so the
+     expert GEMMs see identical inputs)
+  combine
+  1. the routing weights of each pair (the token's K weights) travel to the receiving rank
+     (differentiable all-to-all; over etp the same all-gather)
+  2. the receiving rank reduces: y_pair = sum over the token's local experts of weight * y
+     (ops.unpermute with the received ids; slots not on this rank contribute nothing), in the
+     accumulation dtype: under bf16/fp16 the partials travel in fp32 (combine forward only;
+     their gradients are exactly compute-dtype values and travel in it), so the output is
+     rounded once, as in one process (low_precision_partials=True: partials in the compute
+     dtype, half those bytes, one more rounding per (token, rank), as DeepEP's combine)
+  3. expert-TP: the partial y_pair of the etp ranks (each over its Il slice) are summed and
+     scattered back (the weighted sum is linear, so it commutes with the etp sum)
+  4. one row per pair goes back; the source sums its pairs per token (ops.unpermute, weight 1)
+     and rounds to the compute dtype
+  Backward is the transposed chain: the gradient of a routing weight is computed on the rank
+  that holds the expert output (a dot product inside ops.unpermute's backward), travels back
+  through the weights' all-to-all and is scattered into topk_weight's gradient (the other
+  ranks' copies of that weight get exactly zero), so it is the same dot product as before.
+  Results equal the per-expert path up to the order of floating-point sums (a token's K
+  weighted outputs are summed per rank first, then over ranks; the input gradient likewise).
+
+Per-expert dispatch (dedup=False, kept as the reference): a token is sent once per selected
+expert.
   1. count slots per expert and start exchanging the [E] counts (async all_to_all_single)
   2. permute locally, expert-major over ALL E experts (rows for EP rank j are contiguous),
      while the counts travel; then ONE device-to-host transfer of all split sizes
@@ -17,8 +56,8 @@ Steps of dispatch:
   4. expert-TP: all-gather the received rows over the etp group (each etp rank holds a slice
      of every local expert's hidden dim, so each needs every row)
   5. regroup the rows expert-major (stable: source order kept inside an expert)
-combine runs the exact reverse; under expert-TP the partial outputs of the etp ranks (each
-over its Il slice) are summed and scattered back (reduce-scatter over etp).
+  combine runs the exact reverse; under expert-TP the partial outputs of the etp ranks (each
+  over its Il slice) are summed and scattered back (reduce-scatter over etp).
 """
 
 from __future__ import annotations
@@ -33,6 +72,7 @@ from megamoe import ops
 from megamoe.parallel import collectives as C
 from megamoe.parallel.guard import guarded
 from megamoe.parallel.params import set_spec
+from megamoe.precision import accum_dtype
 
 
 @dataclass
@@ -44,8 +84,19 @@ class _DispatchCtx:
     etp_splits: list[int]        # rows each etp peer contributed to the gathered buffer
 
 
+@dataclass
+class _DedupCtx:
+    pair_map: torch.Tensor       # [P] pair t*ep + r of each sent row (rank-major, token order)
+    num_tokens: int              # T
+    recv_map: torch.Tensor       # [N_in] received slot p*K + k of each expert-major row
+    send_splits: list[int]       # pairs to each EP rank
+    recv_splits: list[int]       # pairs from each EP rank
+    etp_splits: list[int]        # pairs each etp peer contributed to the gathered buffer
+
+
 class AllToAllDispatcher:
-    def __init__(self, num_experts: int, ep_group, etp_group=None):
+    def __init__(self, num_experts: int, ep_group, etp_group=None, dedup: bool = True,
+                 low_precision_partials: bool = False):
         self.num_experts = num_experts
         self.ep_group, self.etp_group = ep_group, etp_group
         self.ep = C.group_size(ep_group)
@@ -53,6 +104,12 @@ class AllToAllDispatcher:
         if num_experts % self.ep:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by ep ({self.ep})")
         self.num_local = num_experts // self.ep
+        # True: one copy of a token per destination EP rank; False: one per expert (reference).
+        self.dedup = dedup
+        # Dedup under a 16-bit compute dtype: the per-(token, rank) partial sums travel in fp32
+        # (False: one rounding per token, as in one process) or in the compute dtype (True: half
+        # the combine-forward bytes, one extra rounding per partial, as DeepEP's combine).
+        self.low_precision_partials = low_precision_partials
         # Benchmarks set this to a dict; every exchange then adds the bytes it sends off-rank.
         self.byte_counter: dict | None = None
 
@@ -69,21 +126,139 @@ class AllToAllDispatcher:
             self.byte_counter[name] = self.byte_counter.get(name, 0) + rows * row_bytes
         return on_send
 
-    # ------------------------------------------------------------------------------ dispatch
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None):
-        # 1. per-expert counts, and their exchange started before the permutation it overlaps
-        counts = expert_counts(topk_idx, self.num_experts)                   # [E] int64
-        recv_counts, work = torch.empty_like(counts), None
+    def _exchange_counts(self, counts: torch.Tensor):
+        """Start the all-to-all of the equal-sized count blocks: -> (recv buffer, work or None)."""
+        recv, work = torch.empty_like(counts), None
         if self.ep > 1:
             with guarded(self.ep_group):
-                work = dist.all_to_all_single(recv_counts, counts, group=self.ep_group, async_op=True)
+                work = dist.all_to_all_single(recv, counts, group=self.ep_group, async_op=True)
         else:
-            recv_counts.copy_(counts)
-        # 2. local permutation (rows for EP rank j contiguous) while the counts travel
-        x_perm, perm_map, _ = ops.permute(x, topk_idx, self.num_experts, num_valid)  # [N, H]
+            recv.copy_(counts)
+        return recv, work
+
+    def _wait(self, work) -> None:
         if work is not None:
             with guarded(self.ep_group):
                 work.wait()
+
+    def _etp_gather(self, t: torch.Tensor, etp_splits: list[int], key: str) -> torch.Tensor:
+        """All-gather of unequal sizes over etp = all-to-all sending the same rows to every peer;
+        its backward sums the gradients of the copies (the reduce-scatter we need)."""
+        mine = t.shape[0]
+        return C.all_to_all(t.repeat(self.etp, 1), self.etp_group, [mine] * self.etp, etp_splits,
+                            self._counter(key, self.etp_group))
+
+    def _etp_reduce_scatter(self, t: torch.Tensor, etp_splits: list[int], grad_dtype=None) -> torch.Tensor:
+        """Each peer's block gets this rank's partial sums over its Il slice; sum the partials."""
+        mine = etp_splits[C.group_rank(self.etp_group)]
+        parts = C.all_to_all_grad_as(t, self.etp_group, etp_splits, [mine] * self.etp,
+                                     grad_dtype or t.dtype, self._counter("etp_reduce_scatter", self.etp_group))
+        return parts.view(self.etp, mine, -1).sum(0)
+
+    # ------------------------------------------------------------------------------ dispatch
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None):
+        """x[T, H], topk_idx[T, K] -> (x_local[N_in, H] expert-major, counts_local[El], ctx).
+        num_valid (valid slots, when the caller knows them) spares the per-expert path's local
+        permutation a host sync; the dedup path learns every size in its one transfer instead."""
+        if self.dedup:
+            return self._dispatch_dedup(x, topk_idx)
+        return self._dispatch_per_expert(x, topk_idx, num_valid)
+
+    def combine(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx) -> torch.Tensor:
+        if isinstance(ctx, _DedupCtx):
+            return self._combine_dedup(y_local, topk_weight, ctx)
+        return self._combine_per_expert(y_local, topk_weight, ctx)
+
+    # ------------------------------------------------------------- deduplicated (token, rank)
+    def _dispatch_dedup(self, x: torch.Tensor, topk_idx: torch.Tensor):
+        ep, el = self.ep, self.num_local
+        T = topk_idx.shape[0]
+        topk_idx = topk_idx.long()
+        valid = topk_idx >= 0
+        dest = torch.where(valid, topk_idx // el, -1)                                 # [T, K] EP rank
+        # 1. slots per (token, rank) -> pairs; counts per rank: [ep, El] slots + [ep] pairs
+        per_pair = torch.zeros((T, ep), dtype=torch.int64, device=x.device)
+        per_pair.scatter_add_(1, dest.clamp(min=0), valid.to(torch.int64))
+        has_pair = per_pair > 0                                                        # [T, ep]
+        counts = torch.cat([expert_counts(topk_idx, self.num_experts).view(ep, el),
+                            has_pair.sum(0, dtype=torch.int64).view(ep, 1)], dim=1)   # [ep, El+1]
+        recv_counts, work = self._exchange_counts(counts.flatten())
+        # 2. while the counts travel: the pairs, rank-major, token order inside a rank, and the
+        #    K local expert ids of every pair (-1 where the slot is on another rank or dropped)
+        ranks = torch.arange(ep, device=x.device)
+        pair_idx = torch.where(has_pair, ranks, -1)                                    # [T, ep]
+        pair_map, _, _ = ops.sort_by_expert(pair_idx, ep)       # valid pairs first: [T*ep]
+        self._wait(work)
+        block = recv_counts.view(ep, el + 1)                       # [ep, El+1] what I receive
+        if self.etp > 1:   # every etp peer's received blocks: [etp*ep, El+1]
+            gathered = block.new_empty((self.etp * ep, el + 1))
+            C.all_gather_flat(gathered, block.contiguous(), self.etp_group)
+            block = gathered
+        # 3. the layer's one device-to-host transfer: pairs to / from each EP rank, pairs per etp
+        #    peer, and the expanded row count. Backward reuses them: no transfer there.
+        splits = host_ints(torch.cat([counts[:, el], recv_counts.view(ep, el + 1)[:, el],
+                                      block[:, el].view(self.etp, ep).sum(1),
+                                      block[:, :el].sum().view(1)]))
+        send_splits, recv_splits = splits[:ep], splits[ep:2 * ep]
+        etp_splits, num_rows = splits[2 * ep:2 * ep + self.etp], splits[-1]
+        pair_map = pair_map[:sum(send_splits)]
+        token = pair_map // ep
+        rank = pair_map - token * ep
+        ids = topk_idx.index_select(0, token)                                          # [P, K]
+        mine = (ids >= 0) & (ids // el == rank.unsqueeze(1))
+        ids = torch.where(mine, ids - (rank * el).unsqueeze(1), -1).to(self._id_dtype())
+        # 4. one row per pair, with its local expert ids
+        x_pairs = ops.permute_with_map(x, pair_map, ep)                                # [P, H]
+        x_recv = C.all_to_all(x_pairs, self.ep_group, send_splits, recv_splits,
+                              self._counter("dispatch", self.ep_group))
+        ids_recv = C.all_to_all(ids, self.ep_group, send_splits, recv_splits,
+                                self._counter("dispatch_ids", self.ep_group))
+        # 5. expert-TP: every etp rank needs every pair of its experts
+        if self.etp > 1:
+            x_recv = self._etp_gather(x_recv, etp_splits, "etp_gather")
+            ids_recv = self._etp_gather(ids_recv, etp_splits, "etp_gather_ids")
+        # 6. expand to the local experts, expert-major (stable: etp peer, source, token order)
+        x_local, recv_map, counts_local = ops.permute(x_recv, ids_recv.long(), el, num_rows)
+        return x_local, counts_local, _DedupCtx(pair_map, T, recv_map, send_splits, recv_splits,
+                                                etp_splits)
+
+    def _combine_dedup(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx: _DedupCtx):
+        ep = self.ep
+        # 1. the routing weights travel with the pairs (their gradients come back the same way)
+        w_pairs = ops.permute_with_map(topk_weight, ctx.pair_map, ep)                  # [P, K]
+        w_recv = C.all_to_all(w_pairs, self.ep_group, ctx.send_splits, ctx.recv_splits,
+                              self._counter("combine_weights", self.ep_group))
+        if self.etp > 1:
+            w_recv = self._etp_gather(w_recv, ctx.etp_splits, "etp_gather_weights")
+        # 2. reduce on the receiving side: weighted sum over each pair's local experts, in the
+        #    accumulation dtype under a 16-bit compute dtype (a partial rounded to bf16 would add
+        #    a rounding the one-process sum does not have); its gradient is the compute dtype's
+        dtype = y_local.dtype
+        wide = dtype if self.low_precision_partials else accum_dtype(dtype)
+        y_pairs = ops.unpermute(y_local.to(wide), ctx.recv_map, w_recv)                # [P_in, H]
+        # 3. expert-TP: sum the partial results of the etp ranks
+        if self.etp > 1:
+            y_pairs = self._etp_reduce_scatter(y_pairs, ctx.etp_splits, dtype)
+        # 4. one row per pair back (gradients in the compute dtype: they are its values exactly);
+        #    the source sums its pairs per token and rounds once
+        y_back = C.all_to_all_grad_as(y_pairs, self.ep_group, ctx.recv_splits, ctx.send_splits, dtype,
+                                      self._counter("combine", self.ep_group))
+        ones = torch.ones((ctx.num_tokens, ep), dtype=y_back.dtype, device=y_back.device)
+        return ops.unpermute(y_back, ctx.pair_map, ones).to(dtype)
+
+    def _id_dtype(self) -> torch.dtype:
+        """Local expert ids on the wire: one byte when they fit (-1 = not on that rank); NCCL
+        has no int16."""
+        return torch.int8 if self.num_local <= 127 else torch.int32
+
+    # --------------------------------------------------------------- per-expert (reference)
+    def _dispatch_per_expert(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None):
+        # 1. per-expert counts, and their exchange started before the permutation it overlaps
+        counts = expert_counts(topk_idx, self.num_experts)                   # [E] int64
+        recv_counts, work = self._exchange_counts(counts)
+        # 2. local permutation (rows for EP rank j contiguous) while the counts travel
+        x_perm, perm_map, _ = ops.permute(x, topk_idx, self.num_experts, num_valid)  # [N, H]
+        self._wait(work)
         block_counts = recv_counts.view(self.ep, self.num_local)          # [ep, El] rows I receive
         if self.etp > 1:   # every etp peer's received blocks: [etp*ep, El]
             gathered = block_counts.new_empty((self.etp * self.ep, self.num_local))
@@ -101,11 +276,7 @@ class AllToAllDispatcher:
                               self._counter("dispatch", self.ep_group))
         # 4. expert-TP: every etp rank needs every row of its experts
         if self.etp > 1:
-            mine = x_recv.shape[0]
-            # all-gather of unequal sizes = all-to-all sending the same rows to every peer; its
-            # backward sums the gradients of the copies (the reduce-scatter we need).
-            x_recv = C.all_to_all(x_recv.repeat(self.etp, 1), self.etp_group, [mine] * self.etp,
-                                  etp_splits, self._counter("etp_gather", self.etp_group))
+            x_recv = self._etp_gather(x_recv, etp_splits, "etp_gather")
         # 5. block-major (source, expert) -> expert-major
         expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_local, device=x.device).repeat(block_counts.shape[0]),
@@ -115,18 +286,12 @@ class AllToAllDispatcher:
         counts_local = block_counts.sum(0).to(counts.device)
         return x_local, counts_local, _DispatchCtx(perm_map, order, send_splits, recv_splits, etp_splits)
 
-    # ------------------------------------------------------------------------------- combine
-    def combine(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchCtx) -> torch.Tensor:
+    def _combine_per_expert(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx: _DispatchCtx) -> torch.Tensor:
         inverse = torch.empty_like(ctx.order)
         inverse[ctx.order] = torch.arange(ctx.order.numel(), device=ctx.order.device)
         y_recv = y_local.index_select(0, inverse)                     # back to block-major
         if self.etp > 1:
-            me = C.group_rank(self.etp_group)
-            mine = ctx.etp_splits[me]
-            # Each peer's block gets this rank's partial sum over its Il slice; sum the partials.
-            parts = C.all_to_all(y_recv, self.etp_group, ctx.etp_splits, [mine] * self.etp,
-                                 self._counter("etp_reduce_scatter", self.etp_group))
-            y_recv = parts.view(self.etp, mine, -1).sum(0)
+            y_recv = self._etp_reduce_scatter(y_recv, ctx.etp_splits)
         y_perm = C.all_to_all(y_recv, self.ep_group, ctx.recv_splits, ctx.send_splits,
                               self._counter("combine", self.ep_group))
         return ops.unpermute(y_perm, ctx.perm_map, topk_weight)
