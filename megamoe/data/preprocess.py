@@ -275,6 +275,7 @@ def _results(chunks, workers: int, init_args):
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
     pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(*init_args, True))
+    finished = False
     try:
         pending = collections.deque()
         for chunk in chunks:
@@ -283,9 +284,16 @@ def _results(chunks, workers: int, init_args):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-        pool.close()
+        finished = True
     finally:
-        pool.terminate()
+        # Done: close and let the workers exit on their own. terminate() right after the last
+        # result races with the pool's own worker bookkeeping and can leave join() waiting
+        # forever on a worker it never signalled (seen once in a full test run); it is kept
+        # for errors, Ctrl-C and SIGTERM, where the workers must stop mid-task.
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
         pool.join()
 
 
