@@ -18,6 +18,14 @@ import torch
 from megamoe import ops
 
 
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 slots routed to each expert (dropped slots, -1, not counted); on the device,
+    with scatter_add (bincount would synchronize with the host on CUDA)."""
+    flat = topk_idx.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int64))
+
+
 def apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
     """Mark slots beyond each expert's capacity as dropped (-1), first come first served.
 

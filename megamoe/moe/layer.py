@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from megamoe.config import MoEConfig
 from megamoe.model.mlp import SwiGLU
-from megamoe.moe.dispatch import LocalDispatcher, apply_capacity
+from megamoe.moe.dispatch import LocalDispatcher, apply_capacity, expert_counts
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.router import Router
 
@@ -89,11 +89,7 @@ class MoELayer(nn.Module):
             y = y + shared
 
         # Statistics over all E experts (not only local ones): what the router decided.
-        # scatter_add instead of bincount: bincount syncs with the host on CUDA.
-        flat = topk_idx.reshape(-1)
-        kept = (flat >= 0).to(torch.int64)
-        tokens_per_expert = torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=flat.device)
-        tokens_per_expert.scatter_add_(0, flat.clamp(min=0), kept)
+        tokens_per_expert = expert_counts(topk_idx, self.cfg.num_experts)
         lb = self.router.load_balancing_loss(route.probs, tokens_per_expert)
         z = self.router.z_loss(route.logits)
         aux = self.cfg.lb_loss_coef * lb + self.cfg.z_loss_coef * z
@@ -102,7 +98,7 @@ class MoELayer(nn.Module):
         self.last_stats = {
             "lb_loss": lb.detach(), "z_loss": z.detach(), "aux_loss": aux.detach(),
             "tokens_per_expert": tokens_per_expert.detach(),
-            "dropped_frac": 1.0 - kept.sum() / max(1, topk_idx.numel()) if not dropless
-                            else torch.zeros((), device=flat.device),
+            "dropped_frac": 1.0 - tokens_per_expert.sum() / max(1, topk_idx.numel()) if not dropless
+                            else torch.zeros((), device=topk_idx.device),
         }
         return y.reshape(shape)

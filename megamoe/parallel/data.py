@@ -31,6 +31,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.autograd.graph import increment_version
 
 from megamoe.parallel import collectives as C
 from megamoe.parallel.guard import guarded
@@ -382,6 +383,11 @@ class ZeroOptimizer:
                 in_flight.append((b, start, n, out, work))
         while in_flight:
             self._place_gathered(*in_flight.popleft())
+        # The params changed through the flat buffers, which their version counters do not
+        # see: tell autograd (and what keys on it, e.g. the experts' cached bf16 weights).
+        for b in buckets:
+            for p in b.params:
+                increment_version(p)
 
     @staticmethod
     def _place_gathered(b: _Bucket, start: int, n: int, out: torch.Tensor, work) -> None:

@@ -69,6 +69,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megamoe import ops
+from megamoe.moe.dispatch import expert_counts
 from megamoe.parallel import collectives as C
 from megamoe.parallel.guard import guarded
 from megamoe.parallel.params import set_spec
@@ -298,14 +299,6 @@ class AllToAllDispatcher:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64 slots routed to each expert (dropped slots, -1, not counted); on the device,
-    with scatter_add (bincount would synchronize with the host on CUDA)."""
-    flat = topk_idx.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, flat.clamp(min=0), (flat >= 0).to(torch.int64))
-
 
 def host_ints(t: torch.Tensor) -> list[int]:
     """A small integer tensor as a Python list: on CUDA one non-blocking copy into pinned memory,

@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-from torch.autograd.graph import increment_version
 
 from megamoe.checkpoint import CheckpointError, newest_checkpoint, previous_checkpoint, set_rng_state
 from megamoe.data.sampler import rank_micro_batches
@@ -137,7 +136,6 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            self.mark_params_updated()
             if load is not None:
                 self._update_router_bias(load)
         else:
@@ -196,14 +194,6 @@ class Trainer:
 
     def load(self, ckpt_dir: str) -> None:
         self.ctx.load_checkpoint(self, ckpt_dir)
-        self.mark_params_updated()
-
-    def mark_params_updated(self) -> None:
-        """Tell autograd (and what keys on it: the experts' cached compute-dtype weights) that
-        every parameter changed in place: ZeRO-1 writes them through its flat buffers, which
-        a parameter's version counter does not see."""
-        for p in self.model.parameters():
-            increment_version(p)
 
     def resume(self) -> None:
         """Continue from cfg.resume_from, or from the newest *complete* checkpoint of out_dir
