@@ -23,7 +23,7 @@ What is counted (nothing in megamoe is edited; the instrumentation is installed 
              dispatch / combine (rows) and dispatch_ids / combine_weights (metadata) x fwd /
              bwd; its row keys must agree with the wrapped row total.
   dedup minimum
-             each dispatcher's dispatch() is wrapped to see the routing it is given (after
+             each dispatcher's dispatch_start() is wrapped to see the routing it is given (after
              capacity dropping): pairs = distinct (token, remote EP rank) pairs, a token that
              goes to several experts on one remote rank counted once (as DeepEP sends it). A
              step cannot move fewer rows than 4 x pairs x hidden x bytes-per-element: dispatch
@@ -81,7 +81,7 @@ def tiny_cfg(d_model: int = 64, layers: int = 2, experts: int = 8, top_k: int = 
 # ------------------------------------------------------------------------------- instrumentation
 
 class ByteMeter:
-    """Wraps dist.all_to_all_single and every AllToAllDispatcher.dispatch of a model."""
+    """Wraps dist.all_to_all_single and every AllToAllDispatcher.dispatch_start of a model."""
 
     def __init__(self):
         self.phase = "fwd"
@@ -151,9 +151,9 @@ class ByteMeter:
             d.dedup = dedup
             self.dispatchers.append(d)
             ep_rank = dist.get_rank(d.ep_group)
-            inner = d.dispatch            # bound method; the wrapper shadows it on the instance
+            inner = d.dispatch_start      # bound method; the wrapper shadows it on the instance
 
-            def dispatch(x, topk_idx, num_valid=None, _inner=inner, _d=d, _me=ep_rank):
+            def dispatch_start(x, topk_idx, num_valid=None, chunks=None, _inner=inner, _d=d, _me=ep_rank):
                 if torch.is_grad_enabled():        # not when run again under no_grad elsewhere
                     valid = topk_idx >= 0
                     dest = torch.where(valid, topk_idx // _d.num_local, -1)     # [T, K] EP rank
@@ -165,9 +165,9 @@ class ByteMeter:
                     self.tokens += topk_idx.shape[0]
                     self.hidden = x.shape[-1]
                     self.compute_bytes = torch.empty(0, dtype=compute_dtype).element_size()
-                return _inner(x, topk_idx, num_valid)
+                return _inner(x, topk_idx, num_valid, chunks)
 
-            d.dispatch = dispatch
+            d.dispatch_start = dispatch_start
 
     def attributed(self) -> dict[str, int]:
         total: dict[str, int] = {}

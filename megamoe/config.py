@@ -39,6 +39,35 @@ class MoEConfig:
     gemm_backend: str = "auto"
     moe_layer_freq: int = 1           # every n-th layer is MoE (1 = all)
     first_k_dense: int = 0            # the first k layers use a dense MLP
+    # Group-limited routing (DeepSeek-V2/V3): experts form n_group equal groups; only the
+    # topk_group best groups of a token are eligible for its top-k. A group's score is the sum
+    # of its top-2 biased scores (sigmoid_bias, V3) or its best probability (softmax_topk, V2's
+    # group_limited_greedy). 1 / 1 = off.
+    n_group: int = 1
+    topk_group: int = 1
+
+
+@dataclass
+class RopeScaling:
+    """Long-context RoPE frequency scaling, as transformers' modeling_rope_utils defines it.
+
+    llama3: low frequencies divided by `factor`, high ones kept, a smooth ramp between
+            (low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    yarn:   per-dimension blend of interpolated / extrapolated frequencies (beta_fast, beta_slow,
+            truncate) and cos / sin scaled by attention_factor (None: derived from factor, mscale,
+            mscale_all_dim); MLA also scales its softmax by mscale(factor, mscale_all_dim)^2.
+    """
+    type: str = "yarn"                # llama3 | yarn
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    low_freq_factor: float = 1.0      # llama3
+    high_freq_factor: float = 4.0     # llama3
+    beta_fast: float = 32.0           # yarn
+    beta_slow: float = 1.0            # yarn
+    mscale: float | None = None       # yarn
+    mscale_all_dim: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn: None -> derived
+    truncate: bool = True             # yarn: round the correction range to whole dims
 
 
 @dataclass
@@ -64,9 +93,13 @@ class ModelConfig:
     norm_affine: bool = True          # False: no learnable norm weights (OLMo-1B's non-parametric LN)
     norm_impl: str = "auto"           # auto = torch (megamoe's RMSNorm) | apex (FusedRMSNorm, if configured)
     qk_norm: bool = False             # OLMoE: RMSNorm over the whole q and k projections
+    # projection: one norm over all heads of q / k before the head split (OLMoE, OLMo2);
+    # head: one norm of head_dim shared by the heads, per head (Qwen3, GLM-4.5 use_qk_norm)
+    qk_norm_scope: str = "projection"
     # pre: x + f(norm(x)) (Llama, OLMoE); post: x + norm(f(x)), OLMo2's "reordered norm"
     norm_position: str = "pre"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     bias: bool = False
     qkv_bias: bool = False
     tie_embeddings: bool = False
@@ -87,6 +120,15 @@ class ParallelConfig:
     pp_layout: str = ""               # e.g. "3,5": layers per stage (uneven allowed)
     backend: str = "auto"             # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_s: int = 600
+    # Expert parallelism: split each MoE layer's tokens into this many chunks so that one chunk's
+    # all-to-all overlaps another chunk's expert GEMMs (same results; 1 = off). The shared
+    # experts overlap the dispatch exchange either way.
+    ep_overlap_chunks: int = 1
+    # Data parallelism: gradient buckets (all-reduce, or ZeRO-1 reduce-scatter + parameter
+    # all-gather) of this many elements, 0 = 2**24 (64 MiB of fp32); each bucket's reduction
+    # starts as soon as its gradients are final in the last backward (overlap_grad_reduce).
+    dp_bucket_numel: int = 0
+    overlap_grad_reduce: bool = True
 
 
 @dataclass
@@ -403,6 +445,18 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
            "model.norm_affine false does not combine with model.qk_norm or model.norm_impl apex")
     _check(m.norm_position in ("pre", "post"),
            f"model.norm_position must be pre or post, got {m.norm_position!r}")
+    _check(m.qk_norm_scope in ("projection", "head"),
+           f"model.qk_norm_scope must be projection or head, got {m.qk_norm_scope!r}")
+    _check(not (m.qk_norm and m.qk_norm_scope == "head" and p.tp > 1),
+           "model.qk_norm_scope head is not tensor-parallel yet; use parallel.tp 1")
+    if m.rope_scaling is not None:
+        r = m.rope_scaling
+        _check(r.type in ("llama3", "yarn"),
+               f"model.rope_scaling.type must be llama3 or yarn, got {r.type!r}")
+        _check(r.factor > 0 and r.original_max_position_embeddings > 0,
+               "model.rope_scaling needs factor > 0 and original_max_position_embeddings > 0")
+        _check(r.type != "llama3" or r.high_freq_factor > r.low_freq_factor > 0,
+               "model.rope_scaling (llama3) needs high_freq_factor > low_freq_factor > 0")
     if m.moe is not None:
         e = m.moe
         _check(e.num_experts >= 1, f"model.moe.num_experts must be >= 1 (got {e.num_experts})")
@@ -416,9 +470,22 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _check(e.capacity_factor >= 0, "model.moe.capacity_factor must be >= 0 (0 = dropless)")
         _check(e.moe_layer_freq >= 1, "model.moe.moe_layer_freq must be >= 1")
         _check(0 <= e.first_k_dense <= m.num_layers, "model.moe.first_k_dense must be in [0, num_layers]")
+        _check(e.n_group >= 1 and 1 <= e.topk_group <= e.n_group
+               and e.num_experts % e.n_group == 0,
+               f"model.moe.n_group ({e.n_group}) must divide num_experts ({e.num_experts}) and "
+               f"1 <= topk_group ({e.topk_group}) <= n_group")
+        if e.n_group > 1:
+            _check(e.router_mode in ("softmax_topk", "sigmoid_bias"),
+                   "model.moe.n_group > 1 needs router_mode softmax_topk or sigmoid_bias")
+            _check(e.top_k <= e.topk_group * (e.num_experts // e.n_group),
+                   f"model.moe.top_k ({e.top_k}) exceeds the experts of topk_group groups")
+            _check(e.router_mode != "sigmoid_bias" or e.num_experts // e.n_group >= 2,
+                   "model.moe.n_group: sigmoid_bias scores a group by its top-2, so groups "
+                   "need >= 2 experts")
         _check(e.num_experts % p.ep == 0,
                f"model.moe.num_experts ({e.num_experts}) must be divisible by parallel.ep ({p.ep})")
-    for name in ("tp", "pp", "ep", "etp", "virtual_pp"):
+    _check(p.dp_bucket_numel >= 0, f"parallel.dp_bucket_numel must be >= 0 (0 = default), got {p.dp_bucket_numel}")
+    for name in ("tp", "pp", "ep", "etp", "virtual_pp", "ep_overlap_chunks"):
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1 (got {getattr(p, name)})")
     _check(m.num_heads % p.tp == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tp ({p.tp})")

@@ -25,9 +25,17 @@ Semantics checked against transformers 5.x (see DESIGN.md, "Routing semantics"):
              experts without gate) on standard GQA attention: megamoe `sigmoid_bias` models
              with attention "gqa".
   deepseek_v3  the same routing with Multi-head Latent Attention (megamoe attention "mla");
-             rotary rows are stored interleaved (rope_interleave). Both: layouts_deepseek.py.
-  deepseek_v2  refused (softmax / group-limited routing not verified against megamoe's).
+             rotary rows are stored interleaved (rope_interleave); group-limited routing
+             (n_group / topk_group). Both: layouts_deepseek.py.
+  deepseek_v2  MLA with softmax routing (greedy or group_limited_greedy), routed_scaling_factor,
+             ungated shared experts, first_k_dense_replace (layouts_deepseek.py).
+  deepseek   DeepSeek-MoE (remote code, no transformers class): MHA/GQA, softmax top-k without
+             renormalisation, ungated shared experts (layouts_deepseek.py).
+  qwen3_moe  softmax top-k (norm_topk_prob), no shared expert, per-head QK-norm (megamoe
+             qk_norm_scope "head"), attention_bias covers q,k,v,o, dense layers as qwen2_moe.
   llama      dense, pre-norm; attention_bias (q,k,v,o) and mlp_bias both == megamoe `bias`.
+RoPE: llama3 / yarn scaling converts for llama, qwen3_moe, deepseek_v2, deepseek_v3
+(layouts_rope.py; computed by megamoe/model/rope.py); other types take default RoPE only.
   olmo2      dense, post-norm ("reordered norm": x + norm(f(x))) == megamoe
              norm_position "post"; whole-projection QK-norm; no biases.
 Training-only settings: router_aux_loss_coef <-> lb_loss_coef one to one, as DESIGN.md's presets
@@ -43,11 +51,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megamoe.config import ModelConfig, MoEConfig
-from megamoe.hf.layouts_deepseek import (deepseek_v3_from_hf, deepseek_v3_to_hf, glm4_moe_from_hf,
-                                         glm4_moe_to_hf)
+from megamoe.hf.layouts_deepseek import (deepseek_from_hf, deepseek_to_hf, deepseek_v2_from_hf,
+                                         deepseek_v2_to_hf, deepseek_v3_from_hf, deepseek_v3_to_hf,
+                                         glm4_moe_from_hf, glm4_moe_to_hf)
 from megamoe.hf.layouts_deepseek import need as _need
-from megamoe.hf.layouts_deepseek import shared_hidden as _shared_hidden
-from megamoe.model.transformer import is_moe_layer
+from megamoe.hf.layouts_qwen import (qwen2_moe_from_hf, qwen2_moe_to_hf, qwen3_moe_from_hf,
+                                     qwen3_moe_to_hf)
+from megamoe.hf.layouts_rope import check_rope_to_hf, rope_from_hf, rope_to_hf
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,19 @@ class Layout:
     shared_experts: str | None = None   # module name of the shared expert(s)
     router_bias: bool = False           # DeepSeek-V3 e_score_correction_bias
     norm_position: str = "pre"
-    qk_norm: bool = False
+    qk_norm: bool | None = False        # None: optional (glm4_moe's use_qk_norm)
+    qk_norm_scope: str = "projection"   # megamoe ModelConfig.qk_norm_scope when qk_norm
     attention: str = "gqa"              # megamoe ModelConfig.attention of the type
     # Alternative block names met on disk / in memory, renamed to `moe_block` when reading.
     block_aliases: tuple[str, ...] = ()
+    scaled_routing: bool = False        # routed_scaling_factor exists (any router mode)
+    # config.json field counting the multi-token-prediction layers stored after the
+    # num_hidden_layers decoder layers (dropped on import); None: the type has none, so extra
+    # layers in the weights are an error.
+    mtp_layers: str | None = None
+    # HF tensor-name suffixes the transformers class keeps fp32 whatever the checkpoint dtype
+    # (its _keep_in_fp32_modules_strict: DeepSeek routers); an export keeps them fp32.
+    keep_fp32: tuple[str, ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -84,17 +103,33 @@ LAYOUTS = {
                       expert_names=("w1", "w3", "w2"), block_aliases=("mlp",)),
     "qwen2_moe": Layout("qwen2_moe", "Qwen2MoeForCausalLM", moe_block="mlp",
                         shared_experts="shared_expert"),
-    "glm4_moe": Layout("glm4_moe", "Glm4MoeForCausalLM", moe_block="mlp",
-                       shared_experts="shared_experts", router_bias=True),
+    "qwen3_moe": Layout("qwen3_moe", "Qwen3MoeForCausalLM", moe_block="mlp", qk_norm=True,
+                        qk_norm_scope="head"),
+    "glm4_moe": Layout("glm4_moe", "Glm4MoeForCausalLM", moe_block="mlp", qk_norm=None,
+                       qk_norm_scope="head", shared_experts="shared_experts", router_bias=True,
+                       scaled_routing=True, mtp_layers="num_nextn_predict_layers",
+                       keep_fp32=("mlp.gate.e_score_correction_bias", "mlp.gate.weight")),
     "deepseek_v3": Layout("deepseek_v3", "DeepseekV3ForCausalLM", moe_block="mlp",
-                          shared_experts="shared_experts", router_bias=True, attention="mla"),
+                          shared_experts="shared_experts", router_bias=True, attention="mla",
+                          scaled_routing=True, mtp_layers="num_nextn_predict_layers",
+                          keep_fp32=("mlp.gate.e_score_correction_bias", "mlp.gate.weight")),
+    "deepseek_v2": Layout("deepseek_v2", "DeepseekV2ForCausalLM", moe_block="mlp",
+                          shared_experts="shared_experts", attention="mla", scaled_routing=True,
+                          keep_fp32=("mlp.gate.weight",)),
+    "deepseek": Layout("deepseek", "DeepseekForCausalLM", moe_block="mlp",
+                       shared_experts="shared_experts"),
 }
 
 # Refused types, with the reason (checked before anything else).
-UNSUPPORTED = {
-    "deepseek_v2": "deepseek_v2 is not supported: its softmax / group-limited routing is not verified "
-                   "against megamoe's routers (DeepSeek-V3-style models convert as deepseek_v3)",
-}
+UNSUPPORTED: dict[str, str] = {}
+
+
+def mtp_layer_count(layout: Layout, hf_config: dict | None) -> int:
+    """Multi-token-prediction layers a checkpoint of this type may hold after its decoder layers
+    (config.json's num_nextn_predict_layers / num_mtp_layers for deepseek_v3, glm4_moe; else 0)."""
+    if layout.mtp_layers is None or not hf_config:
+        return 0
+    return int(hf_config.get(layout.mtp_layers) or hf_config.get("num_mtp_layers") or 0)
 
 
 def get_layout(model_type: str) -> Layout:
@@ -110,11 +145,15 @@ def infer_model_type(cfg: ModelConfig) -> str:
     """The HF model type that fits a megamoe config best (the converter still validates it)."""
     moe = cfg.moe
     if cfg.attention == "mla":
-        return "deepseek_v3"
+        return "deepseek_v3" if moe is None or moe.router_mode == "sigmoid_bias" else "deepseek_v2"
     if moe is None:
         return "olmo2" if cfg.norm_position == "post" or cfg.qk_norm else "llama"
     if moe.router_mode == "sigmoid_bias":
         return "glm4_moe"
+    if cfg.qk_norm and cfg.qk_norm_scope == "head":
+        return "qwen3_moe"
+    if moe.num_shared_experts > 0 and not moe.shared_expert_gate:
+        return "deepseek"
     if moe.num_shared_experts > 0 or moe.first_k_dense > 0 or moe.moe_layer_freq > 1:
         return "qwen2_moe"
     if cfg.qk_norm:
@@ -204,18 +243,25 @@ def _check_common_megamoe(cfg: ModelConfig, layout: Layout) -> None:
     _need(cfg.attention == layout.attention,
           f"{t} uses {kind} but this model has attention={cfg.attention!r}"
           + ("; use deepseek_v3" if cfg.attention == "mla" else ""))
-    _need(cfg.qk_norm == layout.qk_norm,
-          f"{t} {'always has' if layout.qk_norm else 'has no'} whole-projection QK-norm but this model "
+    scope = "per-head" if layout.qk_norm_scope == "head" else "whole-projection"
+    _need(cfg.qk_norm == layout.qk_norm if layout.qk_norm is not None else True,
+          f"{t} {'always has' if layout.qk_norm else 'has no'} {scope} QK-norm but this model "
           f"has qk_norm={cfg.qk_norm}")
+    _need(not cfg.qk_norm or cfg.qk_norm_scope == layout.qk_norm_scope,
+          f"{t} has {scope} QK-norm but this model "
+          f"has qk_norm={cfg.qk_norm}, qk_norm_scope={cfg.qk_norm_scope!r}")
+    check_rope_to_hf(cfg, t)
     if cfg.moe is not None:
         moe = cfg.moe
         _need(moe.router_mode != "sigmoid_bias" or layout.router_bias,
               f"{t} has no sigmoid router with selection bias (router_mode sigmoid_bias); use glm4_moe")
         _need(moe.router_mode == "sigmoid_bias" or not layout.router_bias,
               f"{t} routes with sigmoid scores; this model uses router_mode={moe.router_mode!r}")
-        if moe.router_mode != "sigmoid_bias":
+        if not layout.scaled_routing:
             _need(moe.routed_scaling_factor == 1.0,
                   f"{t} has no routed_scaling_factor; this model uses {moe.routed_scaling_factor}")
+        _need(moe.n_group == 1 or t in ("glm4_moe", "deepseek_v3", "deepseek_v2"),
+              f"{t} has no group-limited routing; this model has n_group={moe.n_group}")
 
 
 def _common_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
@@ -234,9 +280,7 @@ def _common_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         # transformers 5.x reads rope_parameters; 4.x reads rope_theta / rope_scaling.
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        **rope_to_hf(cfg),
         "attention_dropout": 0.0,
         "use_cache": True,
     }
@@ -288,25 +332,10 @@ def _mixtral_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
             "router_jitter_noise": 0.0, "sliding_window": None}
 
 
-def _qwen2_moe_to_hf(cfg: ModelConfig, layout: Layout) -> dict:
-    moe = cfg.moe
-    _need(not cfg.bias, "qwen2_moe has no o_proj / MLP biases; this model has bias=true")
-    _need(moe.num_shared_experts > 0 and moe.shared_expert_gate,
-          "qwen2_moe always has a gated shared expert; this model needs num_shared_experts > 0 and "
-          "shared_expert_gate=true (use olmoe or mixtral without shared experts)")
-    dense = [i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)]
-    return {"intermediate_size": cfg.ffn_hidden, "moe_intermediate_size": moe.expert_hidden,
-            "shared_expert_intermediate_size": _shared_hidden(moe), "num_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k,
-            "norm_topk_prob": moe.norm_topk_prob or moe.router_mode == "topk_softmax",
-            "router_aux_loss_coef": moe.lb_loss_coef, "qkv_bias": cfg.qkv_bias,
-            "decoder_sparse_step": 1, "mlp_only_layers": dense, "use_sliding_window": False,
-            "sliding_window": None, "max_window_layers": cfg.num_layers}
-
-
 _TO_HF: dict[str, Callable[[ModelConfig, Layout], dict]] = {
     "llama": _llama_to_hf, "olmo2": _olmo2_to_hf, "olmoe": _olmoe_to_hf, "mixtral": _mixtral_to_hf,
-    "qwen2_moe": _qwen2_moe_to_hf, "glm4_moe": glm4_moe_to_hf, "deepseek_v3": deepseek_v3_to_hf,
+    "qwen2_moe": qwen2_moe_to_hf, "qwen3_moe": qwen3_moe_to_hf, "glm4_moe": glm4_moe_to_hf,
+    "deepseek_v3": deepseek_v3_to_hf, "deepseek_v2": deepseek_v2_to_hf, "deepseek": deepseek_to_hf,
 }
 
 
@@ -321,39 +350,19 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict:
 
 # --------------------------------------------------------------------------- HF -> megamoe
 
-_DEFAULT_THETA = {"mixtral": 1e6}
-# transformers fills in partial_rotary_factor 0.5 when a glm4_moe config.json omits it.
-_DEFAULT_PARTIAL_ROTARY = {"glm4_moe": 0.5}
-
-
-def _rope_theta(hf: dict, t: str) -> float:
-    """rope_theta of a 4.x (rope_theta / rope_scaling) or 5.x (rope_parameters) config.json."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = (scaling.get("rope_type") or scaling.get("type") or params.get("rope_type")
-                 or params.get("type") or "default")
-    _need(rope_type == "default",
-          f"{t}: RoPE scaling ({rope_type!r}) is not supported by megamoe's RoPE")
-    partial = params.get("partial_rotary_factor",
-                         hf.get("partial_rotary_factor", _DEFAULT_PARTIAL_ROTARY.get(t, 1.0)))
-    _need(float(partial) == 1.0,
-          f"{t}: partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
-    theta = params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA.get(t, 10000.0)))
-    return float(theta)
-
-
 def _common_from_hf(hf: dict, t: str) -> dict:
     act = hf.get("hidden_act", "silu")
     _need(act in ("silu", "swish"), f"{t}: activation {act!r} is not supported (megamoe uses SwiGLU/SiLU)")
     heads = hf["num_attention_heads"]
     hidden = hf["hidden_size"]
     head_dim = hf.get("head_dim") or hidden // heads
+    theta, scaling = rope_from_hf(hf, t)
     return dict(
         vocab_size=hf["vocab_size"], d_model=hidden, num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=0 if head_dim * heads == hidden else head_dim,
         seq_length=hf.get("max_position_embeddings", 4096), norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf, t),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02))
 
@@ -396,39 +405,9 @@ def _mixtral_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(**_common_from_hf(hf, "mixtral"), ffn_hidden=hf["intermediate_size"], moe=moe)
 
 
-def _fit_layer_pattern(moe_layers: list[bool], t: str) -> tuple[int, int]:
-    """(first_k_dense, moe_layer_freq) reproducing exactly which layers are MoE."""
-    idx = [i for i, m in enumerate(moe_layers) if m]
-    _need(bool(idx), f"{t}: no layer is MoE; convert it as a dense model")
-    first = idx[0]
-    freq = idx[1] - idx[0] if len(idx) > 1 else max(1, len(moe_layers) - first)
-    fits = all(m == (i >= first and (i - first) % freq == 0) for i, m in enumerate(moe_layers))
-    _need(fits, f"{t}: the MoE layers {idx} are not 'every {freq}-th from layer {first}', the only "
-          "pattern megamoe supports (first_k_dense, moe_layer_freq)")
-    return first, freq
-
-
-def _qwen2_moe_from_hf(hf: dict) -> ModelConfig:
-    _need(not hf.get("use_sliding_window", False), "qwen2_moe: sliding-window attention is not supported")
-    n_layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
-    mlp_only = set(hf.get("mlp_only_layers") or [])
-    pattern = [i not in mlp_only and hf["num_experts"] > 0 and (i + 1) % step == 0 for i in range(n_layers)]
-    first, freq = _fit_layer_pattern(pattern, "qwen2_moe")
-    shared = hf.get("shared_expert_intermediate_size", 0)
-    _need(shared > 0,
-          "qwen2_moe without a shared expert (shared_expert_intermediate_size 0) is not supported")
-    moe = MoEConfig(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
-                    expert_hidden=hf["moe_intermediate_size"], router_mode="softmax_topk",
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)), num_shared_experts=1,
-                    shared_expert_hidden=shared, shared_expert_gate=True, first_k_dense=first,
-                    moe_layer_freq=freq, lb_loss_coef=hf.get("router_aux_loss_coef", 0.001),
-                    z_loss_coef=0.0)
-    return ModelConfig(**_common_from_hf(hf, "qwen2_moe"), ffn_hidden=hf["intermediate_size"],
-                       qkv_bias=bool(hf.get("qkv_bias", True)), moe=moe)
-
-
-def _deepseek_routed(t: str, fields: Callable[[dict], dict]) -> Callable[[dict], ModelConfig]:
-    """glm4_moe / deepseek_v3: common fields here, the rest from layouts_deepseek.py."""
+def _with_common(t: str, fields: Callable[[dict], dict]) -> Callable[[dict], ModelConfig]:
+    """Types whose own fields come from layouts_deepseek.py / layouts_qwen.py: the common
+    fields here, the type's on top."""
     def from_hf(hf: dict) -> ModelConfig:
         own = fields(hf)  # type-specific refusals first, then the common fields (overridable)
         return ModelConfig(**{**_common_from_hf(hf, t), **own})
@@ -437,9 +416,13 @@ def _deepseek_routed(t: str, fields: Callable[[dict], dict]) -> Callable[[dict],
 
 _FROM_HF: dict[str, Callable[[dict], ModelConfig]] = {
     "llama": _llama_from_hf, "olmo2": _olmo2_from_hf, "olmoe": _olmoe_from_hf,
-    "mixtral": _mixtral_from_hf, "qwen2_moe": _qwen2_moe_from_hf,
-    "glm4_moe": _deepseek_routed("glm4_moe", glm4_moe_from_hf),
-    "deepseek_v3": _deepseek_routed("deepseek_v3", deepseek_v3_from_hf),
+    "mixtral": _mixtral_from_hf,
+    "qwen2_moe": _with_common("qwen2_moe", qwen2_moe_from_hf),
+    "qwen3_moe": _with_common("qwen3_moe", qwen3_moe_from_hf),
+    "glm4_moe": _with_common("glm4_moe", glm4_moe_from_hf),
+    "deepseek_v3": _with_common("deepseek_v3", deepseek_v3_from_hf),
+    "deepseek_v2": _with_common("deepseek_v2", deepseek_v2_from_hf),
+    "deepseek": _with_common("deepseek", deepseek_from_hf),
 }
 
 

@@ -1,4 +1,5 @@
-"""Causal self-attention: RoPE, grouped-query heads, optional OLMoE-style QK-norm, SDPA.
+"""Causal self-attention: RoPE, grouped-query heads, optional QK-norm (OLMoE-style over the whole
+projection, or Qwen3-style per head), SDPA.
 
 Legend: B batch, S sequence, H d_model, nh query heads, nkv key/value heads, hd head dim.
 """
@@ -9,21 +10,7 @@ import torch.nn.functional as F
 
 from megamoe.config import ModelConfig
 from megamoe.model.norm import build_norm
-
-
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None):
-    """cos, sin [S, hd] for rotate-half RoPE (the layout Hugging Face Llama/OLMoE/Mixtral use)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, n, S, hd]; rotate pairs (i, i + hd/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+from megamoe.model.rope import apply_rope, rope_cache  # noqa: F401  (RoPE's home is rope.py)
 
 
 class Attention(nn.Module):
@@ -38,19 +25,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
-        # OLMoE normalises the whole q / k projection (all heads together) before the head split.
-        self.q_norm = build_norm(cfg, q_dim) if cfg.qk_norm else None
-        self.k_norm = build_norm(cfg, kv_dim) if cfg.qk_norm else None
+        # OLMoE normalises the whole q / k projection (all heads together) before the head split;
+        # Qwen3 (qk_norm_scope "head") normalises each head with one norm of head_dim.
+        self.per_head_norm = cfg.qk_norm_scope == "head"
+        q_norm_dim, k_norm_dim = (self.head_dim, self.head_dim) if self.per_head_norm else (q_dim, kv_dim)
+        self.q_norm = build_norm(cfg, q_norm_dim) if cfg.qk_norm else None
+        self.k_norm = build_norm(cfg, k_norm_dim) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # Head counts come from the projection width so tensor parallelism (fewer local heads)
         # needs no change here.
-        q = q.view(B, S, -1, self.head_dim).transpose(1, 2)           # [B, nh, S, hd]
-        k = k.view(B, S, -1, self.head_dim).transpose(1, 2)           # [B, nkv, S, hd]
+        q = q.view(B, S, -1, self.head_dim)                           # [B, S, nh, hd]
+        k = k.view(B, S, -1, self.head_dim)                           # [B, S, nkv, hd]
+        if self.q_norm is not None and self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                   # [B, nh | nkv, S, hd]
         v = v.view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,

@@ -1,5 +1,5 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3), computing what transformers' DeepseekV3Attention
-computes (attention_bias false, default RoPE, no KV cache: training and scoring).
+computes (attention_bias false, default or yarn RoPE, no KV cache: training and scoring).
 
 Keys and values come from one small latent per token instead of per-head projections of x:
   kv_a_proj_with_mqa: x -> [c_kv (kv_lora_rank) | k_pe (qk_rope_head_dim)]
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.config import ModelConfig
-from megamoe.model.attention import apply_rope
+from megamoe.model.rope import apply_rope, softmax_scale_factor
 from megamoe.model.norm import RMSNorm
 
 # DeepSeek's latent norms use a fixed eps (transformers: DeepseekV3RMSNorm's default), not
@@ -51,8 +51,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(nh * self.v_dim, cfg.d_model, bias=False)
-        # transformers' scale for default RoPE (yarn's mscale is refused by the converter).
-        self.scale = self.qk_dim ** -0.5
+        # yarn RoPE also sharpens the softmax by mscale(factor, mscale_all_dim)^2 (DeepSeek).
+        self.scale = self.qk_dim ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, H]; cos, sin [>=S, dr] (the model's RoPE cache, built for qk_rope_head_dim)."""

@@ -12,10 +12,11 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megamoe.config import ModelConfig
-from megamoe.model.attention import Attention, rope_cache
+from megamoe.model.attention import Attention
 from megamoe.model.mla import MLAttention
 from megamoe.model.mlp import SwiGLU
 from megamoe.model.norm import build_norm
+from megamoe.model.rope import rope_cache
 from megamoe.moe.layer import MoELayer
 
 
@@ -80,7 +81,7 @@ class Transformer(nn.Module):
         # MLA rotates only the qk_rope_head_dim part of each head.
         rope_dim = (cfg.qk_rope_head_dim if cfg.attention == "mla"
                     else cfg.head_dim or cfg.d_model // cfg.num_heads)
-        cos, sin = rope_cache(cfg.seq_length, rope_dim, cfg.rope_theta)
+        cos, sin = rope_cache(cfg.seq_length, rope_dim, cfg.rope_theta, scaling=cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -2,13 +2,18 @@
 
 Legend: T tokens, H hidden, K experts per token, E experts, N permuted rows (= T*K when dropless).
 
-A dispatcher moves tokens to the experts that own them and back:
-  dispatch(x[T, H], topk_idx[T, K], num_valid=None) -> x_perm[N, H] grouped by *local* expert,
-      counts[E_local], ctx   (num_valid: the number of non-dropped slots when known, T*K if dropless)
-  combine(y_perm[N, H], topk_weight[T, K], ctx) -> y[T, H]   (weighted sum over the k choices)
+A dispatcher moves tokens to the experts that own them and back, in steps that are started and
+later waited for (an expert-parallel exchange travels in between):
+  dispatch_start(x[T, H], topk_idx[T, K], num_valid=None) -> [flight per token chunk]
+      flight.wait() -> x_perm[N, H] grouped by *local* expert, counts[E_local], ctx
+      (num_valid: the number of non-dropped slots when known, T*K if dropless)
+  combine_start(y_perm[N, H], topk_weight[T, K], ctx) -> flight
+      flight.wait() -> y[T_chunk, H]  (weighted sum over the k choices; chunks in token order)
+  dispatch(...) / combine(...): one chunk, at once.
 `ctx` is whatever the dispatcher needs to invert its own permutation; dispatchers hold no state.
-`LocalDispatcher` keeps every expert on this rank. The expert-parallel dispatcher
-(megamoe.parallel.expert) adds an all-to-all between permute and the experts with the same API.
+`LocalDispatcher` keeps every expert on this rank (one chunk, nothing in flight). The
+expert-parallel dispatcher (megamoe.parallel.expert) adds all-to-alls between permute and the
+experts with the same API.
 """
 
 import math
@@ -53,3 +58,25 @@ class LocalDispatcher:
 
     def combine(self, y_perm: torch.Tensor, topk_weight: torch.Tensor, perm_map) -> torch.Tensor:
         return ops.unpermute(y_perm, perm_map, topk_weight)
+
+    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None) -> list:
+        return [Done(self.dispatch(x, topk_idx, num_valid))]
+
+    def combine_start(self, y_perm: torch.Tensor, topk_weight: torch.Tensor, perm_map) -> "Done":
+        return Done(self.combine(y_perm, topk_weight, perm_map))
+
+
+class Done:
+    """A step that finished at once, with a flight's interface (wait() -> its result)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def wait(self):
+        return self._value
+
+
+def finish_combine(flights: list) -> torch.Tensor:
+    """Wait for every chunk's combine, in token order: -> y[T, H]."""
+    ys = [f.wait() for f in flights]
+    return ys[0] if len(ys) == 1 else torch.cat(ys)

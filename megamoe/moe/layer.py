@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from megamoe.config import MoEConfig
 from megamoe.model.mlp import SwiGLU
-from megamoe.moe.dispatch import LocalDispatcher, apply_capacity, expert_counts
+from megamoe.moe.dispatch import LocalDispatcher, apply_capacity, expert_counts, finish_combine
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.router import Router
 
@@ -69,6 +69,12 @@ class MoELayer(nn.Module):
             return self.recompute_fn(fn, *args)
         return fn(*args)
 
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self._recomputed(self.shared_experts, x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # [T, H]
@@ -78,14 +84,17 @@ class MoELayer(nn.Module):
             topk_idx = apply_capacity(topk_idx, self.cfg.num_experts, self.cfg.capacity_factor)
         dropless = self.cfg.capacity_factor <= 0
         # Dropless: the permuted row count is known (T*K), so the GPU path needs no host sync.
-        x_perm, counts, ctx = self.dispatcher.dispatch(
-            self._compute_dtype(x), topk_idx, num_valid=topk_idx.numel() if dropless else None)  # [N, H], [E_local]
-        y_perm = self._recomputed(self.experts, x_perm, counts)
-        y = self.dispatcher.combine(y_perm, route.topk_weight, ctx).to(x.dtype)  # [T, H]
-        if self.shared_experts is not None:
-            shared = self._recomputed(self.shared_experts, x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        flights = self.dispatcher.dispatch_start(
+            self._compute_dtype(x), topk_idx, num_valid=topk_idx.numel() if dropless else None)
+        # The shared experts need no exchange: they run while the dispatch travels.
+        shared = self._shared(x) if self.shared_experts is not None else None
+        combines = []
+        for flight in flights:   # token chunks: one chunk's GEMMs overlap the other's exchange
+            x_perm, counts, ctx = flight.wait()                                  # [N, H], [E_local]
+            y_perm = self._recomputed(self.experts, x_perm, counts)
+            combines.append(self.dispatcher.combine_start(y_perm, route.topk_weight, ctx))
+        y = finish_combine(combines).to(x.dtype)                                 # [T, H]
+        if shared is not None:
             y = y + shared
 
         # Statistics over all E experts (not only local ones): what the router decided.

@@ -9,6 +9,11 @@ Modes (see ../shared/DESIGN.md, "Routing semantics"):
                 added for *selection only*; weights are the unbiased scores, optionally
                 renormalised, times routed_scaling_factor (DeepSeek-V3, aux-loss-free balancing).
 
+Group-limited selection (n_group > 1, DeepSeek-V2/V3): the E experts form n_group equal groups,
+a token keeps only its topk_group best groups and picks its k experts among them. A group scores
+the sum of its top-2 selection scores (sigmoid_bias, V3) or its best probability (softmax_topk,
+V2's group_limited_greedy). It only changes which experts are chosen, per token, before dispatch.
+
 Losses use the statistics of the tokens this router sees; a parallel wrapper may install
 `stats_reduce` (sum over a process group) so they use the statistics of a larger token set.
 """
@@ -54,7 +59,7 @@ class Router(nn.Module):
         mode, k = self.cfg.router_mode, self.top_k
         if mode == "softmax_topk":
             probs = logits.softmax(dim=-1)
-            topk_weight, topk_idx = probs.topk(k, dim=-1)
+            topk_weight, topk_idx = self._group_limit(probs, "max").topk(k, dim=-1)
             if self.cfg.norm_topk_prob:
                 topk_weight = topk_weight / topk_weight.sum(-1, keepdim=True)
         elif mode == "topk_softmax":
@@ -63,13 +68,31 @@ class Router(nn.Module):
             topk_weight = top_logits.softmax(dim=-1)
         else:  # sigmoid_bias
             scores = logits.sigmoid()
-            _, topk_idx = (scores + self.expert_bias.to(scores.dtype)).topk(k, dim=-1)
+            choice = self._group_limit(scores + self.expert_bias.to(scores.dtype), "top2")
+            _, topk_idx = choice.topk(k, dim=-1)
             topk_weight = scores.gather(-1, topk_idx)
             if self.cfg.norm_topk_prob:
                 topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
             probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.cfg.routed_scaling_factor
         return RouterOutput(topk_idx, topk_weight, probs, logits)
+
+    def _group_limit(self, scores: torch.Tensor, group_score: str) -> torch.Tensor:
+        """scores [T, E] with the experts outside each token's topk_group best groups masked
+        (0 for probabilities, -inf for sigmoid choice scores: neither can then be chosen, as
+        config validation keeps top_k within the kept groups)."""
+        n_group, keep = self.cfg.n_group, self.cfg.topk_group
+        if n_group == 1 or keep == n_group:
+            return scores
+        grouped = scores.view(scores.shape[0], n_group, -1)                  # [T, G, E/G]
+        if group_score == "top2":
+            value = grouped.topk(2, dim=-1).values.sum(-1)                     # [T, G]
+        else:
+            value = grouped.max(dim=-1).values
+        kept = torch.zeros_like(value, dtype=torch.bool)
+        kept.scatter_(1, value.topk(keep, dim=-1).indices, True)
+        mask = kept[:, :, None].expand_as(grouped).reshape(scores.shape)
+        return scores.masked_fill(~mask, 0.0 if group_score == "max" else float("-inf"))
 
     # ------------------------------------------------------------------------------------ losses
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,10 @@ its own piece. The pairs below are each other's transposes:
     all_gather(x, dim)    fwd all-gather          bwd reduce-scatter (sequence parallel: enter)
     all_to_all(x, in_splits, out_splits)  rows exchanged by split sizes; bwd the reverse exchange
     all_to_all_grad_as(x, ..., grad_dtype) the same, the backward exchange in grad_dtype
+    all_to_all_async(x, ...) -> Exchange   the same, started now; .wait() -> the rows. Its
+                          backward exchange is also asynchronous: started when the rows' gradient
+                          is ready, waited on when x's gradient is needed, so other backward work
+                          runs while it travels
 
 All return x unchanged (no communication) when the group has one rank.
 """
@@ -209,6 +213,82 @@ class _AllToAllGradAs(_AllToAll):
         return out.to(ctx.x_dtype), None, None, None, None, None
 
 
+class _Flight:
+    """One asynchronous exchange and its backward: shared by _AllToAllStart and _AllToAllWait."""
+
+    def __init__(self, group, in_splits, out_splits, on_send, grad_dtype):
+        self.group, self.in_splits, self.out_splits = group, in_splits, out_splits
+        self.on_send, self.grad_dtype = on_send, grad_dtype
+        self.work = self.grad_work = self.grad_buf = None
+        self.x_dtype, self.needs_grad = None, False
+
+    def start(self, x: torch.Tensor, in_splits, out_splits, backward: bool):
+        """Launch x's exchange: -> (output buffer, work). Filled only after work.wait()."""
+        if self.on_send is not None:
+            self.on_send(x, in_splits, backward)
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        with guarded(self.group):
+            work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits,
+                                          group=self.group, async_op=True)
+        return out, work
+
+    def wait(self, work) -> None:
+        with guarded(self.group):
+            work.wait()
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Launches the exchange; returns the (not yet filled) output. Backward: waits for the
+    reverse exchange that _AllToAllWait.backward started and returns its result."""
+
+    @staticmethod
+    def forward(ctx, x, flight):
+        ctx.flight = flight
+        flight.x_dtype, flight.needs_grad = x.dtype, x.requires_grad
+        out, flight.work = flight.start(x, flight.in_splits, flight.out_splits, False)
+        return out
+
+    @staticmethod
+    def backward(ctx, _unused):
+        f = ctx.flight
+        f.wait(f.grad_work)
+        grad, f.grad_buf, f.grad_work = f.grad_buf, None, None
+        return grad.to(f.x_dtype), None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Waits for the exchange; identity on its rows. Backward: starts the reverse exchange of
+    the gradient (in grad_dtype) and passes the gradient through untouched: _AllToAllStart's
+    backward, which the engine runs once other ready work is done, waits for it."""
+
+    @staticmethod
+    def forward(ctx, out, flight):
+        ctx.flight = flight
+        flight.wait(flight.work)
+        flight.work = None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f = ctx.flight
+        if f.needs_grad:
+            g = grad if f.grad_dtype is None else grad.to(f.grad_dtype)
+            f.grad_buf, f.grad_work = f.start(g, f.out_splits, f.in_splits, True)
+        return grad, None
+
+
+class Exchange:
+    """An all-to-all in flight: `wait()` returns its rows (differentiably), once."""
+
+    def __init__(self, out: torch.Tensor, flight: _Flight | None):
+        self._out, self._flight = out, flight
+
+    def wait(self) -> torch.Tensor:
+        assert self._out is not None, "Exchange.wait() called twice"
+        out, self._out = self._out, None
+        return out if self._flight is None else _AllToAllWait.apply(out, self._flight)
+
+
 # --------------------------------------------------------------------------- public functions
 
 def copy_to(x, group):
@@ -260,5 +340,18 @@ def all_to_all_grad_as(x, group, in_splits: list[int], out_splits: list[int], gr
     return _AllToAllGradAs.apply(x, group, list(in_splits), list(out_splits), on_send, grad_dtype)
 
 
+def all_to_all_async(x, group, in_splits: list[int], out_splits: list[int], on_send=None,
+                     grad_dtype: torch.dtype | None = None) -> Exchange:
+    """all_to_all (or all_to_all_grad_as with grad_dtype) started now and finished by the
+    returned Exchange's wait(): the work between the two overlaps the transfer. Every rank of
+    the group must start its exchanges in the same order (as for any collective)."""
+    if group_size(group) == 1:
+        return Exchange(x, None)
+    if grad_dtype == x.dtype:
+        grad_dtype = None
+    flight = _Flight(group, list(in_splits), list(out_splits), on_send, grad_dtype)
+    return Exchange(_AllToAllStart.apply(x, flight), flight)
+
+
 __all__ = ["copy_to", "reduce_from", "sum_across", "scatter_to", "gather_from", "reduce_scatter",
-           "all_gather", "all_to_all", "all_to_all_grad_as", "all_reduce_", "all_gather_flat", "reduce_scatter_flat", "group_size", "group_rank"]
+           "all_gather", "all_to_all", "all_to_all_grad_as", "all_to_all_async", "Exchange", "all_reduce_", "all_gather_flat", "reduce_scatter_flat", "group_size", "group_rank"]

@@ -4,10 +4,23 @@ Legend: T local tokens, K top-k, H hidden, E experts in total, El = E/ep experts
 I expert hidden, Il = I/etp its slice under expert-TP, N rows (token copies, one per expert),
 P pairs (token, destination EP rank) with at least one of the token's experts on that rank.
 
-AllToAllDispatcher has LocalDispatcher's API (megamoe.moe.dispatch):
-  dispatch(x[T, H], topk_idx[T, K], num_valid=None) -> x_local[N_in, H] expert-major over this rank's El experts,
-                                       counts_local[El], ctx
-  combine(y_local[N_in, H], topk_weight[T, K], ctx) -> y[T, H]
+AllToAllDispatcher has LocalDispatcher's API (megamoe.moe.dispatch): exchanges are started and
+later waited for, so that the caller computes while they travel.
+  dispatch_start(x[T, H], topk_idx[T, K], num_valid=None) -> [flight per token chunk]
+      flight.wait() -> x_local[N_in, H] expert-major over this rank's El experts, counts_local[El], ctx
+  combine_start(y_local[N_in, H], topk_weight[T, K], ctx) -> flight; flight.wait() -> y[T_chunk, H]
+  dispatch(...) / combine(...): the same in one chunk, waited for at once.
+
+Overlap (dedup path). MoELayer computes the shared experts while the dispatch exchange is in
+flight. With chunks = 2 (parallel.ep_overlap_chunks) the layer's tokens are split in two halves
+after routing; both halves' counts travel in one exchange (still one host transfer per layer),
+both dispatches start at once, and
+    experts(chunk 0)  runs while  chunk 1's rows travel
+    experts(chunk 1)  runs while  chunk 0's results travel back
+In backward the reverse exchanges are asynchronous too (collectives.all_to_all_async): a
+chunk's gradient exchange travels while the other chunk's expert GEMMs run backward. Results
+equal one chunk up to the order of floating-point sums over the expert weights' gradients
+(each half's rows are summed separately, then added).
 
 Deduplicated dispatch (dedup=True, the default): a token crosses the network ONCE per EP rank
 that holds any of its experts, not once per expert.
@@ -69,7 +82,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megamoe import ops
-from megamoe.moe.dispatch import expert_counts
+from megamoe.moe.dispatch import Done, expert_counts
 from megamoe.parallel import collectives as C
 from megamoe.parallel.guard import guarded
 from megamoe.parallel.params import set_spec
@@ -87,17 +100,22 @@ class _DispatchCtx:
 
 @dataclass
 class _DedupCtx:
+    tokens: slice                # this chunk's tokens of the layer's [T]
     pair_map: torch.Tensor       # [P] pair t*ep + r of each sent row (rank-major, token order)
-    num_tokens: int              # T
-    recv_map: torch.Tensor       # [N_in] received slot p*K + k of each expert-major row
     send_splits: list[int]       # pairs to each EP rank
     recv_splits: list[int]       # pairs from each EP rank
     etp_splits: list[int]        # pairs each etp peer contributed to the gathered buffer
+    num_rows: int                # expanded rows this rank's experts receive
+    recv_map: torch.Tensor | None = None   # [N_in] received slot p*K + k of each expert-major row
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.stop - self.tokens.start
 
 
 class AllToAllDispatcher:
     def __init__(self, num_experts: int, ep_group, etp_group=None, dedup: bool = True,
-                 low_precision_partials: bool = False):
+                 low_precision_partials: bool = False, chunks: int = 1):
         self.num_experts = num_experts
         self.ep_group, self.etp_group = ep_group, etp_group
         self.ep = C.group_size(ep_group)
@@ -111,6 +129,10 @@ class AllToAllDispatcher:
         # (False: one rounding per token, as in one process) or in the compute dtype (True: half
         # the combine-forward bytes, one extra rounding per partial, as DeepEP's combine).
         self.low_precision_partials = low_precision_partials
+        # Token chunks per layer call (dedup path): chunk i+1's exchange overlaps chunk i's
+        # expert GEMMs (parallel.ep_overlap_chunks). 1: one exchange, overlapped only with the
+        # shared experts.
+        self.chunks = chunks
         # Benchmarks set this to a dict; every exchange then adds the bytes it sends off-rank.
         self.byte_counter: dict | None = None
 
@@ -157,76 +179,107 @@ class AllToAllDispatcher:
         return parts.view(self.etp, mine, -1).sum(0)
 
     # ------------------------------------------------------------------------------ dispatch
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None):
-        """x[T, H], topk_idx[T, K] -> (x_local[N_in, H] expert-major, counts_local[El], ctx).
-        num_valid (valid slots, when the caller knows them) spares the per-expert path's local
-        permutation a host sync; the dedup path learns every size in its one transfer instead."""
+    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None,
+                       chunks: int | None = None) -> list:
+        """Start sending x[T, H] (routed by topk_idx[T, K]) in `chunks` token chunks (default
+        self.chunks): -> one flight per chunk, whose wait() gives (x_local[N_in, H] expert-major,
+        counts_local[El], ctx). num_valid (valid slots, when the caller knows them) spares the
+        per-expert path's local permutation a host sync. The per-expert reference path sends one
+        chunk, synchronously."""
         if self.dedup:
-            return self._dispatch_dedup(x, topk_idx)
-        return self._dispatch_per_expert(x, topk_idx, num_valid)
+            return self._dispatch_dedup_start(x, topk_idx, chunks or self.chunks)
+        return [Done(self._dispatch_per_expert(x, topk_idx, num_valid))]
+
+    def combine_start(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx):
+        """Start sending a chunk's expert outputs back: -> a flight whose wait() gives the
+        chunk's y[T_chunk, H] (topk_weight[T, K] is the whole layer's)."""
+        if isinstance(ctx, _DedupCtx):
+            return self._combine_dedup_start(y_local, topk_weight, ctx)
+        return Done(self._combine_per_expert(y_local, topk_weight, ctx))
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_valid: int | None = None):
+        """x[T, H], topk_idx[T, K] -> (x_local[N_in, H] expert-major, counts_local[El], ctx), in
+        one chunk, waited for."""
+        return self.dispatch_start(x, topk_idx, num_valid, chunks=1)[0].wait()
 
     def combine(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx) -> torch.Tensor:
-        if isinstance(ctx, _DedupCtx):
-            return self._combine_dedup(y_local, topk_weight, ctx)
-        return self._combine_per_expert(y_local, topk_weight, ctx)
+        return self.combine_start(y_local, topk_weight, ctx).wait()
 
     # ------------------------------------------------------------- deduplicated (token, rank)
-    def _dispatch_dedup(self, x: torch.Tensor, topk_idx: torch.Tensor):
+    def _dispatch_dedup_start(self, x: torch.Tensor, topk_idx: torch.Tensor, chunks: int) -> list:
         ep, el = self.ep, self.num_local
         T = topk_idx.shape[0]
         topk_idx = topk_idx.long()
-        valid = topk_idx >= 0
-        dest = torch.where(valid, topk_idx // el, -1)                                 # [T, K] EP rank
-        # 1. slots per (token, rank) -> pairs; counts per rank: [ep, El] slots + [ep] pairs
-        per_pair = torch.zeros((T, ep), dtype=torch.int64, device=x.device)
-        per_pair.scatter_add_(1, dest.clamp(min=0), valid.to(torch.int64))
-        has_pair = per_pair > 0                                                        # [T, ep]
-        counts = torch.cat([expert_counts(topk_idx, self.num_experts).view(ep, el),
-                            has_pair.sum(0, dtype=torch.int64).view(ep, 1)], dim=1)   # [ep, El+1]
+        bounds = chunk_bounds(T, chunks)
+        nc = len(bounds)
+        # 1. per chunk, slots per (token, rank) -> pairs; counts per rank: [ep, El] slots + [ep]
+        #    pairs. Every chunk's counts travel in ONE exchange: [ep, nc, El+1]
+        has_pair, counts = [], []
+        for t in bounds:
+            idx = topk_idx[t]
+            valid = idx >= 0
+            dest = torch.where(valid, idx // el, -1)                                  # [Tc, K] EP rank
+            per_pair = torch.zeros((idx.shape[0], ep), dtype=torch.int64, device=x.device)
+            per_pair.scatter_add_(1, dest.clamp(min=0), valid.to(torch.int64))
+            has_pair.append(per_pair > 0)                                              # [Tc, ep]
+            counts.append(torch.cat([expert_counts(idx, self.num_experts).view(ep, el),
+                                     has_pair[-1].sum(0, dtype=torch.int64).view(ep, 1)], dim=1))
+        counts = torch.stack(counts, dim=1)                                            # [ep, nc, El+1]
         recv_counts, work = self._exchange_counts(counts.flatten())
-        # 2. while the counts travel: the pairs, rank-major, token order inside a rank, and the
-        #    K local expert ids of every pair (-1 where the slot is on another rank or dropped)
+        # 2. while the counts travel: each chunk's pairs, rank-major, token order inside a rank
         ranks = torch.arange(ep, device=x.device)
-        pair_idx = torch.where(has_pair, ranks, -1)                                    # [T, ep]
-        pair_map, _, _ = ops.sort_by_expert(pair_idx, ep)       # valid pairs first: [T*ep]
+        pair_maps = [ops.sort_by_expert(torch.where(hp, ranks, -1), ep)[0] for hp in has_pair]
         self._wait(work)
-        block = recv_counts.view(ep, el + 1)                       # [ep, El+1] what I receive
-        if self.etp > 1:   # every etp peer's received blocks: [etp*ep, El+1]
-            gathered = block.new_empty((self.etp * ep, el + 1))
+        recv_counts = recv_counts.view(ep, nc, el + 1)                 # what I receive, per source
+        block = recv_counts
+        if self.etp > 1:   # every etp peer's received blocks: [etp*ep, nc, El+1]
+            gathered = block.new_empty((self.etp * ep, nc, el + 1))
             C.all_gather_flat(gathered, block.contiguous(), self.etp_group)
             block = gathered
-        # 3. the layer's one device-to-host transfer: pairs to / from each EP rank, pairs per etp
-        #    peer, and the expanded row count. Backward reuses them: no transfer there.
-        splits = host_ints(torch.cat([counts[:, el], recv_counts.view(ep, el + 1)[:, el],
-                                      block[:, el].view(self.etp, ep).sum(1),
-                                      block[:, :el].sum().view(1)]))
-        send_splits, recv_splits = splits[:ep], splits[ep:2 * ep]
-        etp_splits, num_rows = splits[2 * ep:2 * ep + self.etp], splits[-1]
-        pair_map = pair_map[:sum(send_splits)]
-        token = pair_map // ep
-        rank = pair_map - token * ep
-        ids = topk_idx.index_select(0, token)                                          # [P, K]
-        mine = (ids >= 0) & (ids // el == rank.unsqueeze(1))
-        ids = torch.where(mine, ids - (rank * el).unsqueeze(1), -1).to(self._id_dtype())
-        # 4. one row per pair, with its local expert ids
-        x_pairs = ops.permute_with_map(x, pair_map, ep)                                # [P, H]
-        x_recv = C.all_to_all(x_pairs, self.ep_group, send_splits, recv_splits,
-                              self._counter("dispatch", self.ep_group))
-        ids_recv = C.all_to_all(ids, self.ep_group, send_splits, recv_splits,
-                                self._counter("dispatch_ids", self.ep_group))
+        # 3. the layer's one device-to-host transfer, for every chunk: pairs to / from each EP
+        #    rank, pairs per etp peer, expanded rows. Backward reuses them: no transfer there.
+        splits = host_ints(torch.cat([
+            counts[:, :, el].t().flatten(),                                           # [nc, ep]
+            recv_counts[:, :, el].t().flatten(),                                      # [nc, ep]
+            block[:, :, el].view(self.etp, ep, nc).sum(1).t().flatten(),              # [nc, etp]
+            block[:, :, :el].sum(dim=(0, 2))]))                                       # [nc]
+        sends, splits = splits[:nc * ep], splits[nc * ep:]
+        recvs, splits = splits[:nc * ep], splits[nc * ep:]
+        etps, rows = splits[:nc * self.etp], splits[nc * self.etp:]
+        # 4. per chunk, one row per pair with its K local expert ids (-1: the slot is on another
+        #    rank or dropped); every chunk's exchange starts now
+        flights = []
+        for c, t in enumerate(bounds):
+            ctx = _DedupCtx(t, None, sends[c * ep:(c + 1) * ep], recvs[c * ep:(c + 1) * ep],
+                            etps[c * self.etp:(c + 1) * self.etp], rows[c])
+            ctx.pair_map = pair_maps[c][:sum(ctx.send_splits)]
+            token = ctx.pair_map // ep
+            rank = ctx.pair_map - token * ep
+            ids = topk_idx[t].index_select(0, token)                                   # [P, K]
+            mine = (ids >= 0) & (ids // el == rank.unsqueeze(1))
+            ids = torch.where(mine, ids - (rank * el).unsqueeze(1), -1).to(self._id_dtype())
+            x_pairs = ops.permute_with_map(x[t], ctx.pair_map, ep)                     # [P, H]
+            flights.append(_DedupDispatch(self, ctx, C.all_to_all_async(
+                x_pairs, self.ep_group, ctx.send_splits, ctx.recv_splits,
+                self._counter("dispatch", self.ep_group)), C.all_to_all_async(
+                ids, self.ep_group, ctx.send_splits, ctx.recv_splits,
+                self._counter("dispatch_ids", self.ep_group))))
+        return flights
+
+    def _dispatch_dedup_finish(self, ctx: _DedupCtx, x_recv: torch.Tensor, ids_recv: torch.Tensor):
         # 5. expert-TP: every etp rank needs every pair of its experts
         if self.etp > 1:
-            x_recv = self._etp_gather(x_recv, etp_splits, "etp_gather")
-            ids_recv = self._etp_gather(ids_recv, etp_splits, "etp_gather_ids")
+            x_recv = self._etp_gather(x_recv, ctx.etp_splits, "etp_gather")
+            ids_recv = self._etp_gather(ids_recv, ctx.etp_splits, "etp_gather_ids")
         # 6. expand to the local experts, expert-major (stable: etp peer, source, token order)
-        x_local, recv_map, counts_local = ops.permute(x_recv, ids_recv.long(), el, num_rows)
-        return x_local, counts_local, _DedupCtx(pair_map, T, recv_map, send_splits, recv_splits,
-                                                etp_splits)
+        x_local, ctx.recv_map, counts_local = ops.permute(x_recv, ids_recv.long(), self.num_local,
+                                                          ctx.num_rows)
+        return x_local, counts_local, ctx
 
-    def _combine_dedup(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx: _DedupCtx):
+    def _combine_dedup_start(self, y_local: torch.Tensor, topk_weight: torch.Tensor, ctx: _DedupCtx):
         ep = self.ep
         # 1. the routing weights travel with the pairs (their gradients come back the same way)
-        w_pairs = ops.permute_with_map(topk_weight, ctx.pair_map, ep)                  # [P, K]
+        w_pairs = ops.permute_with_map(topk_weight[ctx.tokens], ctx.pair_map, ep)     # [P, K]
         w_recv = C.all_to_all(w_pairs, self.ep_group, ctx.send_splits, ctx.recv_splits,
                               self._counter("combine_weights", self.ep_group))
         if self.etp > 1:
@@ -240,12 +293,10 @@ class AllToAllDispatcher:
         # 3. expert-TP: sum the partial results of the etp ranks
         if self.etp > 1:
             y_pairs = self._etp_reduce_scatter(y_pairs, ctx.etp_splits, dtype)
-        # 4. one row per pair back (gradients in the compute dtype: they are its values exactly);
-        #    the source sums its pairs per token and rounds once
-        y_back = C.all_to_all_grad_as(y_pairs, self.ep_group, ctx.recv_splits, ctx.send_splits, dtype,
-                                      self._counter("combine", self.ep_group))
-        ones = torch.ones((ctx.num_tokens, ep), dtype=y_back.dtype, device=y_back.device)
-        return ops.unpermute(y_back, ctx.pair_map, ones).to(dtype)
+        # 4. one row per pair back (gradients in the compute dtype: they are its values exactly)
+        return _DedupCombine(ctx, dtype, C.all_to_all_async(
+            y_pairs, self.ep_group, ctx.recv_splits, ctx.send_splits,
+            self._counter("combine", self.ep_group), grad_dtype=dtype))
 
     def _id_dtype(self) -> torch.dtype:
         """Local expert ids on the wire: one byte when they fit (-1 = not on that rank); NCCL
@@ -311,6 +362,38 @@ def host_ints(t: torch.Tensor) -> list[int]:
     done.record()
     done.synchronize()
     return host.tolist()
+
+
+def chunk_bounds(num_tokens: int, chunks: int) -> list[slice]:
+    """`chunks` contiguous token ranges of near-equal size (fewer when there are fewer tokens;
+    one empty range for no tokens)."""
+    n = max(1, min(chunks, num_tokens))
+    edges = [num_tokens * i // n for i in range(n + 1)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class _DedupDispatch:
+    """A chunk's rows and ids in flight; wait() expands them to the local experts."""
+
+    def __init__(self, dispatcher: AllToAllDispatcher, ctx: _DedupCtx, rows, ids):
+        self.dispatcher, self.ctx, self.rows, self.ids = dispatcher, ctx, rows, ids
+
+    def wait(self):
+        return self.dispatcher._dispatch_dedup_finish(self.ctx, self.rows.wait(), self.ids.wait())
+
+
+class _DedupCombine:
+    """A chunk's per-pair results on their way back; wait() sums each token's pairs and rounds
+    once to the compute dtype."""
+
+    def __init__(self, ctx: _DedupCtx, dtype: torch.dtype, back):
+        self.ctx, self.dtype, self.back = ctx, dtype, back
+
+    def wait(self) -> torch.Tensor:
+        y_back = self.back.wait()
+        ones = torch.ones((self.ctx.num_tokens, len(self.ctx.send_splits)), dtype=y_back.dtype,
+                          device=y_back.device)
+        return ops.unpermute(y_back, self.ctx.pair_map, ones).to(self.dtype)
 
 
 # --------------------------------------------------------------------------- weight sharding

@@ -115,14 +115,16 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
             model.lm_head.weight = model.embed.weight
 
 
-def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Expert weights -> this rank's shard; dispatcher -> all-to-all. Expert params are always
-    marked as replicated over expert-DP (their gradients reduce over "edp")."""
+def apply_ep(model: nn.Module, mesh: ParallelMesh, overlap_chunks: int = 1) -> None:
+    """Expert weights -> this rank's shard; dispatcher -> all-to-all (in `overlap_chunks` token
+    chunks per layer). Expert params are always marked as replicated over expert-DP (their
+    gradients reduce over "edp")."""
     for moe in [m for m in model.modules() if isinstance(m, MoELayer)]:
         experts = moe.experts
         if mesh.ep > 1 or mesh.etp > 1:
             shard_experts(experts, mesh.rank_in("ep"), mesh.ep, mesh.rank_in("etp"), mesh.etp)
-            moe.dispatcher = AllToAllDispatcher(moe.cfg.num_experts, mesh.group("ep"), mesh.group("etp"))
+            moe.dispatcher = AllToAllDispatcher(moe.cfg.num_experts, mesh.group("ep"), mesh.group("etp"),
+                                                chunks=overlap_chunks)
         else:
             for p in (experts.w_gate_up, experts.w_down):
                 set_spec(p, replica_group="edp", global_shape=tuple(p.shape), index=full_index(p.shape))
@@ -147,12 +149,13 @@ def check_model_config(cfg, mesh: ParallelMesh, sequence_parallel: bool) -> None
         raise ValueError("model.moe.capacity_factor > 0 is not supported with parallel.tp > 1 yet")
 
 
-def parallelize_model(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = False):
+def parallelize_model(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = False,
+                      ep_overlap_chunks: int = 1):
     """apply_tp then apply_ep; returns (model, loss_fn) where loss_fn is the vocab-parallel CE
     under TP (else None: the trainer's F.cross_entropy)."""
     sp = sequence_parallel and mesh.tp > 1   # SP is a no-op without TP
     apply_tp(model, mesh, sp)
-    apply_ep(model, mesh)
+    apply_ep(model, mesh, ep_overlap_chunks)
     loss_fn = None
     if mesh.tp > 1:
         # (only the last pipeline stage holds the head; the vocabulary split is the same everywhere)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.data import GradReducer, ZeroOptimizer
+from megamoe.parallel.data import GradReducer
+from megamoe.parallel.zero import ZeroOptimizer
 from megamoe.parallel.launch import device_for, init_distributed, resolve_backend
 from megamoe.parallel.mesh import ParallelMesh, make_layout
 from megamoe.parallel.parallelize import check_model_config, parallelize_model
@@ -55,7 +56,8 @@ def apply_model_parallel(model, setup: MeshSetup, cfg):
     """(chunk_layers, loss_fn) after trimming and sharding `model` in place."""
     mesh = setup.mesh
     chunk_layers = apply_pp(model, mesh.rank_in("pp"), mesh.pp, cfg.parallel.virtual_pp, cfg.parallel.pp_layout)
-    model, loss_fn = parallelize_model(model, mesh, setup.sequence_parallel)
+    model, loss_fn = parallelize_model(model, mesh, setup.sequence_parallel,
+                                       cfg.parallel.ep_overlap_chunks)
     return chunk_layers, loss_fn
 
 
@@ -69,13 +71,15 @@ def build_pipeline(model, setup: MeshSetup, chunk_layers, cfg, dtype: torch.dtyp
     return runner
 
 
-def build_data_parallel(model, mesh: ParallelMesh, optim_cfg, zero1: bool, bucket_numel: int | None = None):
+def build_data_parallel(model, mesh: ParallelMesh, optim_cfg, zero1: bool, bucket_numel: int | None = None,
+                        overlap: bool = True):
     """(optimizer, grads): grads has no_sync(), reduce_grads() and grad_norm(). Call after the
     model is on its device and in its final form, and after build_pipeline (ZeRO-1 turns the
-    parameters into views of flat buffers; GradReducer hooks every parameter and needs the
-    pipeline's late-gradient marks). bucket_numel: elements per all-reduce (GradReducer) or
-    per parameter all-gather (ZeRO-1); default DEFAULT_BUCKET_NUMEL."""
-    kwargs = {} if bucket_numel is None else {"bucket_numel": bucket_numel}
+    parameters into views of flat buffers; both hook every parameter and need the pipeline's
+    late-gradient marks). bucket_numel: elements per gradient bucket (all-reduce, or ZeRO-1
+    reduce-scatter and parameter all-gather); default (None or 0) DEFAULT_BUCKET_NUMEL.
+    overlap: reduce each bucket as soon as its gradients are final in the last backward."""
+    kwargs = {"overlap": overlap} if not bucket_numel else {"bucket_numel": bucket_numel, "overlap": overlap}
     if zero1:
         if optim_cfg.impl == "apex":
             raise ValueError("optim.impl apex does not combine with parallel.zero1 (ZeRO-1 steps "

@@ -191,7 +191,8 @@ def build_training(cfg: TrainConfig, model: nn.Module | None = None, device: tor
     else:
         from megamoe.parallel.context import ParallelContext
         pipeline = par.build_pipeline(model, setup, chunk_layers, cfg, dtype)
-        optimizer, grads = par.build_data_parallel(model, setup.mesh, cfg.optim, cfg.parallel.zero1)
+        optimizer, grads = par.build_data_parallel(model, setup.mesh, cfg.optim, cfg.parallel.zero1,
+                                                   cfg.parallel.dp_bucket_numel, cfg.parallel.overlap_grad_reduce)
         ctx = ParallelContext(setup.mesh, grads, loss_fn or cross_entropy, pipeline or MicroBatchLoop(),
                               zero1=cfg.parallel.zero1, sequence_parallel=setup.sequence_parallel,
                               pipeline=pipeline)

@@ -17,6 +17,8 @@ COMMANDS = {
                   "--iters", "1", "--check", "--check-tokens", "64", "--device", "cpu"],
     "train_step": ["benchmarks/train_step.py", "--tiny", "--layers", "1", "--seq", "64", "--batch", "1",
                    "--warmup", "0", "--steps", "1", "--check", "--device", "cpu"],
+    "ep_overlap": ["benchmarks/ep_overlap.py", "--tokens", "64", "--d-model", "32", "--expert-hidden", "32",
+                   "--iters", "1"],
     "permute": ["benchmarks/permute.py", "--tokens", "64", "--experts", "8", "--top-k", "2",
                 "--hidden", "32", "--warmup", "0", "--iters", "1", "--device", "cpu"],
 }
@@ -48,6 +50,10 @@ def test_benchmarks_run_and_print_ratios():
     for variant in ("megamoe", "hf[fp32]"):
         assert re.search(rf"^{re.escape(variant)}\s+{NUM}\s+[0-9]+\s+{NUM}", step, re.M), (variant, step)
     assert re.search(rf"^ratio megamoe / hf\[fp32\] \(tokens/s\): {NUM}$", step, re.M), step
+
+    overlap = out["ep_overlap"].strip().splitlines()[-1]
+    assert re.fullmatch(rf"overlapped_frac_chunks2 {NUM} chunks1 {NUM} idle_ratio_chunks2_vs_1 {NUM} "
+                        rf"step_time_ratio_chunks2_vs_1 {NUM}", overlap), out["ep_overlap"]
 
     if "permute" not in out:
         return

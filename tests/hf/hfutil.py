@@ -2,11 +2,24 @@
 
 import torch
 
-from megamoe.config import ModelConfig, MoEConfig, TrainConfig, to_dict
+from megamoe.config import ModelConfig, MoEConfig, RopeScaling, TrainConfig, to_dict
 from megamoe.model.transformer import build_model
 from megamoe.checkpoint import save_checkpoint
 
 VOCAB, SEQ = 96, 16
+# Long-context RoPE of the tiny models: a pretraining context of 8 stretched 4x, so both the
+# interpolated and the extrapolated frequencies (and yarn's mscale) show in 16-token inputs.
+YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=8, beta_fast=8.0, beta_slow=1.0)
+YARN_MLA = dict(YARN, mscale=1.0, mscale_all_dim=0.7)   # DeepSeek: mscale ratio + softmax mscale
+LLAMA3 = dict(type="llama3", factor=4.0, original_max_position_embeddings=8, low_freq_factor=1.0,
+              high_freq_factor=4.0)
+
+
+def hf_rope(scaling: dict, theta: float = 10000.0) -> dict:
+    """transformers' rope_parameters of a megamoe RopeScaling-style dict."""
+    out = {k: v for k, v in scaling.items() if k != "type"}
+    return {"rope_type": scaling["type"], "rope_theta": theta, **out}
+
 _BASE = dict(vocab_size=VOCAB, d_model=32, num_layers=3, num_heads=4, ffn_hidden=48, seq_length=SEQ,
              init_std=0.1)
 
@@ -27,12 +40,25 @@ MEGAMOE_CONFIGS = {
     "glm4_moe": lambda: ModelConfig(**_BASE, num_kv_heads=2, qkv_bias=True, moe=MoEConfig(
         num_experts=4, top_k=2, expert_hidden=16, router_mode="sigmoid_bias", norm_topk_prob=True,
         routed_scaling_factor=2.5, num_shared_experts=1, first_k_dense=1)),
-    # MLA with query LoRA, nope != v head dims, DeepSeek-V3 routing, tied embeddings.
+    # MLA with query LoRA, nope != v head dims, DeepSeek-V3 routing with expert groups, yarn
+    # RoPE, tied embeddings.
     "deepseek_v3": lambda: ModelConfig(
         **_BASE, attention="mla", q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=6, tie_embeddings=True, moe=MoEConfig(
-            num_experts=4, top_k=2, expert_hidden=16, router_mode="sigmoid_bias", norm_topk_prob=True,
-            routed_scaling_factor=2.5, num_shared_experts=2, first_k_dense=1)),
+        qk_rope_head_dim=4, v_head_dim=6, tie_embeddings=True, rope_scaling=RopeScaling(**YARN_MLA),
+        moe=MoEConfig(num_experts=8, top_k=3, expert_hidden=16, router_mode="sigmoid_bias",
+                      norm_topk_prob=True, routed_scaling_factor=2.5, num_shared_experts=2,
+                      first_k_dense=1, n_group=4, topk_group=2)),
+    # Per-head QK-norm, GQA, head_dim != d_model / heads, yarn, a dense layer.
+    "qwen3_moe": lambda: ModelConfig(
+        **_BASE, num_kv_heads=2, head_dim=16, qk_norm=True, qk_norm_scope="head",
+        rope_scaling=RopeScaling(**YARN), moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16,
+                                                        norm_topk_prob=True, first_k_dense=1)),
+    # MLA without query LoRA, softmax group-limited routing, routed scaling, yarn.
+    "deepseek_v2": lambda: ModelConfig(
+        **_BASE, attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, rope_scaling=RopeScaling(**YARN_MLA), moe=MoEConfig(
+            num_experts=8, top_k=3, expert_hidden=16, routed_scaling_factor=2.0,
+            num_shared_experts=2, first_k_dense=1, n_group=4, topk_group=2)),
 }
 
 _HF_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -69,11 +95,24 @@ def hf_config(model_type: str):
                                                  "partial_rotary_factor": 1.0})
     if model_type == "deepseek_v3":  # rope_interleave defaults to true: rows get de-interleaved
         return tf.DeepseekV3Config(**c, intermediate_size=48, moe_intermediate_size=16,
-                                   num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
-                                   num_experts_per_tok=2,
-                                   n_group=1, topk_group=1, first_k_dense_replace=1,
+                                   num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+                                   num_experts_per_tok=3,
+                                   n_group=4, topk_group=2, first_k_dense_replace=1,
                                    routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
-                                   qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10)
+                                   qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10,
+                                   rope_parameters=hf_rope(YARN_MLA))
+    if model_type == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**c, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                                 num_experts_per_tok=2, num_key_value_heads=2, head_dim=16,
+                                 mlp_only_layers=[0], norm_topk_prob=True, rope_parameters=hf_rope(YARN))
+    if model_type == "deepseek_v2":
+        return tf.DeepseekV2Config(**c, intermediate_size=48, moe_intermediate_size=16,
+                                   num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2,
+                                   num_experts_per_tok=3, topk_method="group_limited_greedy",
+                                   n_group=4, topk_group=2, first_k_dense_replace=1,
+                                   routed_scaling_factor=2.0, q_lora_rank=12, kv_lora_rank=16,
+                                   qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10,
+                                   rope_parameters=hf_rope(YARN_MLA))
     raise KeyError(model_type)
 
 

@@ -77,26 +77,28 @@ def _hf(model_type, **extra):
 
 
 @pytest.mark.parametrize("hf, message", [
-    (_hf("deepseek_v2", kv_lora_rank=16), "deepseek_v2 is not supported"),
-    (_hf("deepseek_v3"), "group-limited"),        # absent: transformers' default 8 / 4 groups
-    (_hf("deepseek_v3", n_group=1, topk_group=1, rope_scaling={
-        "type": "yarn", "factor": 40, "mscale_all_dim": 1.0}), "RoPE scaling"),
+    (_hf("deepseek_v2", kv_lora_rank=16, norm_topk_prob=True), "norm_topk_prob"),
+    (_hf("deepseek_v2", kv_lora_rank=16, topk_method="noaux_tc"), "topk_method"),
+    (_hf("deepseek_v2", kv_lora_rank=16, rope_interleave=False), "rope_interleave"),
+    (_hf("deepseek", n_routed_experts=None), "dense model"),
+    (_hf("deepseek", scoring_func="sigmoid"), "scoring_func"),
+    (_hf("deepseek", rope_scaling={"type": "linear", "factor": 2.0}), "RoPE scaling"),
+    (_hf("mixtral", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "RoPE scaling"),
+    (_hf("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "RoPE scaling"),
     (_hf("deepseek_v3", n_group=1, topk_group=1, attention_bias=True), "attention_bias"),
     (_hf("deepseek_v3", n_group=1, topk_group=1, num_key_value_heads=2), "num_key_value_heads"),
     (_hf("deepseek_v3", n_group=1, topk_group=1, q_lora_rank=0), "q_lora_rank 0"),
     (_hf("mixtral", sliding_window=8), "sliding-window"),
     (_hf("qwen2_moe", use_sliding_window=True), "sliding-window"),
-    (_hf("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "RoPE scaling"),
-    (_hf("llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "RoPE scaling"),
+    (_hf("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
     (_hf("llama", attention_bias=True, mlp_bias=False), "attention_bias != mlp_bias"),
     (_hf("llama", hidden_act="gelu"), "activation"),
     (_hf("olmoe", clip_qkv=8.0), "clip_qkv"),
     (_hf("olmo2", attention_bias=True), "attention_bias"),
-    (_hf("glm4_moe", n_group=8, topk_group=4), "group-limited"),
+    (_hf("qwen3_moe", use_sliding_window=True), "sliding-window"),
     (_hf("glm4_moe"), "partial rotary"),          # absent: transformers' default 0.5
     (_hf("glm4_moe", rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                       "partial_rotary_factor": 0.5}), "partial rotary"),
-    (_hf("glm4_moe", use_qk_norm=True, partial_rotary_factor=1.0), "per-head QK-norm"),
     (_hf("qwen2_moe", mlp_only_layers=[0, 1]), "no layer is MoE"),
     (_hf("gpt2"), "unsupported Hugging Face model type"),
 ])
@@ -162,7 +164,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (d / "config.json").write_text(json.dumps({"model_type": "deepseek_v2", "kv_lora_rank": 512}))
     assert cli_main(["convert", "from-hf", str(d), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "deepseek_v2 is not supported" in err and "\n" not in err
+    assert "lacks the field 'n_routed_experts'" in err and "\n" not in err
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -93,12 +93,12 @@ def test_selective_recompute_keeps_the_token_exchange_out_of_backward():
             model.set_activation_checkpointing(True, selective=mode == "selective")
         count = [0]
         for layer in model.moe_layers():
-            real = layer.dispatcher.dispatch
+            real = layer.dispatcher.dispatch_start
 
-            def dispatch(*args, _real=real, **kwargs):
+            def dispatch_start(*args, _real=real, **kwargs):
                 count[0] += 1
                 return _real(*args, **kwargs)
-            layer.dispatcher.dispatch = dispatch
+            layer.dispatcher.dispatch_start = dispatch_start
         model.train()
         x = torch.randint(0, 64, (2, 16))
         F.cross_entropy(model(x).reshape(-1, 64), x.reshape(-1)).backward()

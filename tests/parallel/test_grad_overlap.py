@@ -15,8 +15,11 @@ overlap off (everything reduced in reduce_grads) and on. Checked:
   - pipeline (PP2 x DP2, 1F1B, tied embeddings): the same, each chunk armed when its last
     backward starts; the tied weight (summed across the stages in reduce_grads) is reduced
     only in reduce_grads, after that sum.
-  - ZeRO-1: the parameter all-gather after the step runs in several chunks with more than one
-    collective in flight, and gives exactly the one-shot all-gather's parameters.
+  - ZeRO-1 (DP2, the same 4 micro-batches and small buckets): the bucketed reduce-scatters
+    launch during the last backward under the same rules, and every bucket's owned slice
+    equals, exactly, the non-overlapped reduction and a per-parameter all-reduce / dp; the
+    parameter all-gather after the step runs in several chunks with more than one collective
+    in flight, and gives exactly the one-shot all-gather's parameters.
 """
 
 import os
@@ -83,7 +86,7 @@ def _instrumented_step(trainer, counts, overlap: bool):
     for i, b in enumerate(reducer.buckets):
         def launch(b=b, i=i, real=b.launch):
             launches.append({"bucket": i, "phase": phase["now"], "fired": sum(counts.values()),
-                             "counts": [counts[id(p)] for p in b.params], "late": b.late,
+                             "counts": [counts[id(p)] for p in b.params], "late": b.deferred,
                              "grads": [None if p.grad is None else p.grad.clone() for p in b.params]})
             real()
         b.launch = launch
@@ -130,12 +133,25 @@ def _assert_equal(got, expected):
         assert torch.equal(got[k], expected[k]), f"a {tuple(got[k].shape)} gradient differs"
 
 
+def _zero_shards_equal(trainer, local):
+    """ZeRO-1 after reduce_grads: each bucket's owned slice holds the manual reduction (the rest
+    of the flat buffer keeps this rank's local gradients)."""
+    manual = _manual_reduction(trainer, local)
+    for b in trainer.optimizer.buckets:
+        ref = torch.cat([manual[id(p)].reshape(-1) for p in b.params])
+        ref = torch.cat([ref, ref.new_zeros(b.grad_buf.numel() - ref.numel())])
+        assert torch.equal(b.grad_buf[b.lo:b.hi], ref[b.lo:b.hi]), b.names
+
+
 def _overlap_vs_plain(trainer, counts):
     """The same step without and with overlap; what every rank asserts (summary for rank 0)."""
     reducer = trainer.ctx.grads
     plain, local, _, reduced_plain = _instrumented_step(trainer, counts, overlap=False)
     assert all(l["phase"] == "reduce_grads" for l in plain)
-    _assert_equal(reduced_plain, _manual_reduction(trainer, local))   # the reference is right
+    if trainer.ctx.zero1:                                              # the reference is right
+        _zero_shards_equal(trainer, local)
+    else:
+        _assert_equal(reduced_plain, _manual_reduction(trainer, local))
     launches, _, final, reduced = _instrumented_step(trainer, counts, overlap=True)
     _assert_equal(reduced, reduced_plain)                             # overlap changes nothing
     total = sum(final.values())
@@ -219,13 +235,24 @@ def zero_worker(rank, world_size, out_root):
     return dict(stats)
 
 
+def zero_overlap_worker(rank, world_size, out_root):
+    """ZeRO-1: bucketed reduce-scatters launched during the last backward, same result."""
+    cfg = _cfg(os.path.join(out_root, "dp2_zero1_overlap"))
+    trainer, counts = _trainer(cfg, zero1=True, unused_param=True)
+    assert len(trainer.optimizer.buckets) > 3
+    summary, _ = _overlap_vs_plain(trainer, counts)
+    return summary
+
+
 def both_dp_workers(rank, world_size, out_root):
-    return dp_worker(rank, world_size, out_root), zero_worker(rank, world_size, out_root)
+    return (dp_worker(rank, world_size, out_root), zero_worker(rank, world_size, out_root),
+            zero_overlap_worker(rank, world_size, out_root))
 
 
-def test_dp_overlap_and_zero1_chunked_all_gather(tmp_path):
-    dp, zero = H.spawn(2, both_dp_workers, str(tmp_path))
+def test_dp_overlap_and_zero1_overlap_and_chunked_all_gather(tmp_path):
+    dp, zero, zero_overlap = H.spawn(2, both_dp_workers, str(tmp_path))
     assert dp["early"] >= 1 and dp["during_backward"] >= 1
+    assert zero_overlap["early"] >= 1 and zero_overlap["during_backward"] >= 1
     assert zero["max_outstanding"] >= 2
 
 
