@@ -1,5 +1,5 @@
 """`python -m megamoe <command>`: train, preprocess, print-batch, convert, consolidate, upcycle,
-analyze-routing.
+analyze-routing, plan.
 
 Each command is a thin front over a library function; user mistakes (bad config, missing
 files) end with one line on stderr and exit code 2, not a traceback.
@@ -21,6 +21,7 @@ COMMANDS = {
                     "merge a (sharded) checkpoint of any parallel layout into a single-process one"),
     "upcycle": ("megamoe.hf.upcycle", "main", "dense checkpoint -> MoE (sparse upcycling / splitting)"),
     "analyze-routing": ("megamoe.analysis.routing", "main", "plots of expert load and co-activation"),
+    "plan": ("megamoe.plan.cli", "main", "memory, step time and communication of parallel layouts on a cluster"),
 }
 
 

@@ -447,8 +447,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
            f"model.norm_position must be pre or post, got {m.norm_position!r}")
     _check(m.qk_norm_scope in ("projection", "head"),
            f"model.qk_norm_scope must be projection or head, got {m.qk_norm_scope!r}")
-    _check(not (m.qk_norm and m.qk_norm_scope == "head" and p.tp > 1),
-           "model.qk_norm_scope head is not tensor-parallel yet; use parallel.tp 1")
     if m.rope_scaling is not None:
         r = m.rope_scaling
         _check(r.type in ("llama3", "yarn"),

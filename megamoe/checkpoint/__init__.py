@@ -7,13 +7,19 @@ An out_dir holds
 
   files.py        the one atomic directory writer (temporary sibling, rename; an existing
                   directory is renamed aside before it is removed), publishing with the COMPLETE
-                  marker (every file's size), reading with one-line errors (CheckpointError)
+                  marker (every file's size), reading with one-line errors (CheckpointError),
+                  write sites with one-line errors (writing / WriteError: disk full, quota)
   resolve.py      the one resolver: a checkpoint dir or an out_dir -> a checkpoint; the newest
                   *complete* checkpoint of an out_dir
   single.py       single-process format: model.pt, optimizer.pt, trainer.pt, config.yaml
   sharded.py      parallel runs: model_rank{r}.pt, optim_rank{r}.pt, metadata.json; save
                   (collective), load into any layout or one process
-  sources.py      read side of both formats, tensor pieces by name
+  weights.py      model-only format of conversions (from-hf, upcycle, vocabulary extension):
+                  model-*.safetensors + metadata.json + trainer.pt, written as a stream, read
+                  by any layout with each rank reading only its rows (WeightsSource)
+  stfiles.py      safetensors read with positioned reads (no mmap: bounded RSS) and written
+                  shard by shard without copies; shared with the HF side
+  sources.py      read side of all formats, tensor pieces by name
   reshard.py      slice assembly from pieces (pure tensor code)
   consolidate.py  any checkpoint -> one process (`python -m megamoe consolidate`)
 

@@ -20,7 +20,7 @@ def consolidate(ckpt_dir: str) -> dict[str, torch.Tensor]:
     model; with tied embeddings lm_head.weight is embed.weight, as in a single-process model."""
     source = open_source(ckpt_dir)
     full = {name: source.weights(name, full_index(info["shape"])) for name, info in source.names.items()}
-    if source.tie and "embed.weight" in full and "lm_head.weight" in full:
+    if source.tie and "embed.weight" in full:   # stored once by model-only checkpoints
         full["lm_head.weight"] = full["embed.weight"]
     return full
 

@@ -33,6 +33,37 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or unreadable (one line naming the file)."""
 
 
+class WriteError(ValueError, OSError):
+    """A file could not be written (disk full, quota, permissions): one line naming it. An
+    OSError too, so callers that handled the raw error keep working."""
+
+
+def _write_errors() -> tuple[type, ...]:
+    # torch.save reports ENOSPC as RuntimeError ("PytorchStreamWriter failed writing file"),
+    # safetensors as SafetensorError: neither is an OSError.
+    errors: tuple[type, ...] = (OSError, RuntimeError)
+    try:
+        from safetensors import SafetensorError
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    return errors
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Around the code that writes `path`: a failed write becomes a WriteError naming the file
+    (only write errors: the block should hold nothing but the write)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except _write_errors() as err:
+        text = str(err).strip()
+        reason = getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+        raise WriteError(f"cannot write {path}: {reason}") from None
+
+
 # ------------------------------------------------------------------------ the atomic writer
 
 def _aside_name(path: str, what: str) -> str:
@@ -148,6 +179,12 @@ def verify(ckpt_dir: str) -> None:
         _check_size(os.path.join(ckpt_dir, fname), size)
 
 
+def verify_file(ckpt_dir: str, fname: str) -> None:
+    """One file of a checkpoint is present with the size COMPLETE lists for it."""
+    marker = read_marker(ckpt_dir)
+    _check_size(os.path.join(ckpt_dir, fname), ((marker or {}).get("files") or {}).get(fname))
+
+
 def _check_size(path: str, expected: int | None) -> None:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
@@ -185,6 +222,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-__all__ = ["MARKER", "LATEST", "CheckpointError", "begin", "commit", "atomic_dir", "publish", "remove_stale_temps",
-           "write_text_atomic", "save_file", "write_config", "read_marker", "verify", "load_file",
+__all__ = ["MARKER", "LATEST", "CheckpointError", "WriteError", "writing", "begin", "commit", "atomic_dir", "publish", "remove_stale_temps",
+           "write_text_atomic", "save_file", "write_config", "read_marker", "verify", "verify_file", "load_file",
            "rng_state", "set_rng_state"]

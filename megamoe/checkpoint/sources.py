@@ -1,10 +1,12 @@
-"""Read side of checkpoints: every saved tensor's pieces by name, for both formats.
+"""Read side of checkpoints: every saved tensor's pieces by name, for every format.
 
   ShardedSource   a parallel run's step dir: model_rank{r}.pt / optim_rank{r}.pt + metadata.json
                   (rank files opened with mmap, only those metadata.json lists for a name)
   SingleSource    a single-process run's model.pt + optimizer.pt (AdamW state by position)
+  WeightsSource   a model-only checkpoint written by a conversion (weights.py)
 `open_source(ckpt_dir)` picks the right one. Tied embeddings: a name the checkpoint lacks is
-read from its tied partner (embed.weight <-> lm_head.weight).
+read from its tied partner (embed.weight <-> lm_head.weight). `release()` closes the files a
+source opened (their mmaps keep every page read in RSS): streaming readers call it per layer.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import torch
 import yaml
 
 from megamoe.checkpoint import files
-from megamoe.checkpoint.reshard import Piece, assemble
+from megamoe.checkpoint.reshard import Piece, as_index, assemble
+from megamoe.checkpoint.stfiles import SafetensorsFile
 from megamoe.parallel.params import full_index
 
 FORMAT, VERSION, META = "megamoe-sharded", 1, "metadata.json"
+WEIGHTS_FORMAT, WEIGHTS_VERSION = "megamoe-weights", 1     # model-only (weights.py)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 TIED = {"embed.weight": "lm_head.weight", "lm_head.weight": "embed.weight"}
 
@@ -49,6 +53,9 @@ class Source:
 
     def trainer_state(self) -> dict:
         return dict(files.load_file(self.dir, "trainer.pt"))
+
+    def release(self) -> None:
+        """Close the files opened so far (they reopen when needed)."""
 
     def _candidates(self, name: str) -> list[str]:
         """`name`, then its tied partner (a head copy, or moments saved once for both)."""
@@ -128,6 +135,9 @@ class ShardedSource(Source):
                 info["model_ranks"].append(r)
         return {"format": FORMAT, "world_size": world, "layout": {}, "tensors": tensors}
 
+    def release(self) -> None:
+        self._files.clear()
+
     def _file(self, fname: str) -> dict:
         if fname not in self._files:
             self._files[fname] = _load_mmap(self.dir, fname)
@@ -155,11 +165,22 @@ class SingleSource(Source):
 
     def __init__(self, ckpt_dir: str):
         super().__init__(ckpt_dir)
-        self.model = _load_mmap(ckpt_dir, "model.pt")
+        self.model = self._model()
         self.names = {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in self.model.items()}
         self._optim: dict[str, dict] | None = None
 
+    def _model(self) -> dict:
+        model = _load_mmap(self.dir, "model.pt")
+        if not isinstance(model, dict):
+            raise ValueError(f"{self.dir!r}: model.pt does not hold a state dict")
+        return model
+
+    def release(self) -> None:
+        self.model = self._optim = None
+
     def weight_pieces(self, name: str) -> list[Piece]:
+        if self.model is None:
+            self.model = self._model()
         t = self.model[name]
         return [(full_index(t.shape), None, t)]
 
@@ -185,6 +206,81 @@ class SingleSource(Source):
         return self.trainer_state().get("rng") if rank == 0 else None
 
 
+class LazyRows:
+    """A stored tensor that reads, when indexed, only the rows of its first dim asked for."""
+
+    def __init__(self, reader: SafetensorsFile, name: str):
+        self.reader, self.name = reader, name
+        self.shape = torch.Size(reader.shape(name))
+        self.dtype = reader.dtype(name)
+        self._rows: tuple[int, int, torch.Tensor] | None = None   # the last rows read
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        if not index or not self.shape:
+            return self.reader.read(self.name)[index]
+        a, b, _ = index[0].indices(self.shape[0])
+        if self._rows is None or self._rows[:2] != (a, b):
+            # the blocks of one slice share their rows (e.g. the gate and up halves of w_gate_up)
+            self._rows = (a, b, self.reader.read(self.name, (a, b)))
+        return self._rows[2][(slice(None),) + index[1:]]
+
+
+class WeightsSource(Source):
+    """Read side of a model-only checkpoint (weights.py): whole tensors stored in safetensors
+    files; pieces are LazyRows, so a slice reads only its rows."""
+
+    def __init__(self, ckpt_dir: str, meta: dict):
+        super().__init__(ckpt_dir)
+        self.meta = meta
+        self.names = {n: {"shape": i["shape"], "dtype": i["dtype"]} for n, i in meta["tensors"].items()}
+        self._readers: dict[str, SafetensorsFile] = {}
+        self.bytes_read = 0          # over all files, also those released
+        self.largest_read = 0
+
+    def _reader(self, fname: str) -> SafetensorsFile:
+        if fname not in self._readers:
+            files.verify_file(self.dir, fname)     # its size as COMPLETE lists it
+            try:
+                self._readers[fname] = SafetensorsFile(os.path.join(self.dir, fname))
+            except (OSError, ValueError) as err:
+                raise files.CheckpointError(f"checkpoint file {os.path.join(self.dir, fname)} is "
+                                            f"unreadable ({err})") from None
+        return self._readers[fname]
+
+    def weight_pieces(self, name: str):
+        info = self.meta["tensors"][name]
+        return [(full_index(info["shape"]), None, LazyRows(self._reader(info["file"]), name))]
+
+    def weights(self, name: str, index, dtype=None) -> torch.Tensor:
+        """As Source.weights; a whole tensor is read straight into its result (no second copy:
+        streaming converters read whole tensors)."""
+        found = self._candidates(name)
+        if found and as_index(index) == full_index(self.names[found[0]]["shape"]):
+            info = self.meta["tensors"][found[0]]
+            t = self._reader(info["file"]).read(found[0])
+            return t if dtype is None else t.to(dtype)
+        return super().weights(name, index, dtype)
+
+    def optim_pieces(self, name: str) -> list[dict]:
+        return []
+
+    def rng(self, rank: int) -> dict | None:
+        return self.trainer_state().get("rng") if rank == 0 else None
+
+    def read_stats(self) -> tuple[int, int]:
+        """(bytes read, largest single read) so far."""
+        live = list(self._readers.values())
+        return (self.bytes_read + sum(r.bytes_read for r in live),
+                max([self.largest_read] + [r.largest_read for r in live]))
+
+    def release(self) -> None:
+        self.bytes_read, self.largest_read = self.read_stats()
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -206,12 +302,24 @@ def single_process_param_order(config: dict) -> list[str]:
 def open_source(ckpt_dir: str) -> Source:
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"checkpoint {ckpt_dir!r} does not exist")
-    if os.path.isfile(os.path.join(ckpt_dir, META)) or os.path.isfile(os.path.join(ckpt_dir, "model_rank0.pt")):
+    meta_path = os.path.join(ckpt_dir, META)
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise files.CheckpointError(f"checkpoint file {meta_path} is unreadable ({err})") from None
+        if meta.get("format") == WEIGHTS_FORMAT:
+            if meta.get("version", 0) > WEIGHTS_VERSION:
+                raise ValueError(f"{meta_path!r} is a megamoe-weights checkpoint of a newer version")
+            return WeightsSource(ckpt_dir, meta)
+    if os.path.isfile(meta_path) or os.path.isfile(os.path.join(ckpt_dir, "model_rank0.pt")):
         return ShardedSource(ckpt_dir)
     if os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         return SingleSource(ckpt_dir)
     raise ValueError(f"{ckpt_dir!r} is not a megamoe checkpoint (no metadata.json, model_rank0.pt or model.pt)")
 
 
-__all__ = ["FORMAT", "VERSION", "META", "MOMENTS", "TIED", "Source", "ShardedSource", "SingleSource",
+__all__ = ["FORMAT", "VERSION", "META", "MOMENTS", "TIED", "WEIGHTS_FORMAT", "WEIGHTS_VERSION", "Source",
+           "ShardedSource", "SingleSource", "WeightsSource", "LazyRows",
            "open_source", "single_process_param_order"]

@@ -20,20 +20,27 @@ Two ways to build the experts of an upcycled layer from its dense SwiGLU FFN
          neurons' concatenated gate and up weight rows, seeded).
 The new router is N(0, router_std) (default 0.02, seeded); the selection bias starts at 0.
 Sources: a megamoe dense checkpoint / out_dir, or a Hugging Face llama / olmo2 directory.
-The result is a megamoe out_dir (convert it with `megamoe convert to-hf` afterwards).
+The result is a megamoe out_dir (convert it with `megamoe convert to-hf` afterwards), written
+one layer at a time (the source is read lazily, one layer in memory; upcycle_tensors); an HF
+source's tokenizer files and special tokens go along. Exporting a split model: no HF type has
+softmax top-k with a routed_scaling_factor, so to-hf folds the factor into the experts
+(w_down * E; exact for power-of-two E) and writes olmoe (QK-norm models) or qwen2_moe with a
+zero shared expert (convert.export_config): same logits in transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 
 import numpy as np
 import torch
 
 from megamoe.config import ModelConfig, MoEConfig, TrainConfig, validate
-from megamoe.hf.io import is_hf_dir, write_megamoe
+from megamoe.checkpoint.files import WriteError
+from megamoe.hf.io import HF_META, is_hf_dir, megamoe_writer
 from megamoe.model.transformer import is_moe_layer
 
 
@@ -93,12 +100,12 @@ def _check_divisible(num_neurons: int, num_experts: int) -> None:
 
 # ------------------------------------------------------------------------------ upcycling
 
-def upcycle(cfg: ModelConfig, state: dict, num_experts: int, top_k: int, mode: str = "copy",
-            split_method: str = "random", router_mode: str | None = None,
-            norm_topk_prob: bool = False, routed_scaling_factor: float | None = None,
-            router_std: float = 0.02, first_k_dense: int = 0, moe_layer_freq: int = 1,
-            seed: int = 0) -> tuple[ModelConfig, dict, dict[int, list[np.ndarray]]]:
-    """(MoE config, MoE state dict, {layer: neuron partition} in split mode) of a dense model."""
+def upcycle_config(cfg: ModelConfig, num_experts: int, top_k: int, mode: str = "copy",
+                   split_method: str = "random", router_mode: str | None = None,
+                   norm_topk_prob: bool = False, routed_scaling_factor: float | None = None,
+                   router_std: float = 0.02, first_k_dense: int = 0,
+                   moe_layer_freq: int = 1) -> ModelConfig:
+    """The MoE config of an upcycled dense model (validated), or a ValueError saying why not."""
     if cfg.moe is not None:
         raise ValueError("the source model is already MoE (model.moe is set); upcycling needs a dense one")
     if mode not in ("copy", "split"):
@@ -125,35 +132,84 @@ def upcycle(cfg: ModelConfig, state: dict, num_experts: int, top_k: int, mode: s
                         routed_scaling_factor=routed_scaling_factor, first_k_dense=first_k_dense,
                         moe_layer_freq=moe_layer_freq)
     validate(TrainConfig(model=new))
+    return new
 
-    gen = torch.Generator().manual_seed(seed)
-    out = {k: v for k, v in state.items()}
-    partitions: dict[int, list[np.ndarray]] = {}
-    for i in range(cfg.num_layers):
-        if not is_moe_layer(new, i):
-            continue
-        pre = f"layers.{i}.ffn."
-        try:
-            gate, up, down = (out.pop(pre + n + ".weight") for n in ("gate_proj", "up_proj", "down_proj"))
-        except KeyError:
-            raise ValueError(f"the dense checkpoint lacks the FFN of layer {i}") from None
-        gate, up, down = gate.float(), up.float(), down.float()     # [I, H], [I, H], [H, I]
-        if mode == "copy":
-            w_gate_up = torch.cat([gate.t(), up.t()], dim=1).expand(num_experts, -1, -1).clone()
-            w_down = down.t().expand(num_experts, -1, -1).clone()
+
+def upcycle_layer(new: ModelConfig, i: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  mode: str, split_method: str, router_std: float, seed: int,
+                  gen: torch.Generator) -> tuple[dict[str, torch.Tensor], list[np.ndarray] | None]:
+    """({name: tensor} of the MoE FFN of layer i, its neuron partition in split mode) from the
+    dense FFN (gate/up [I, H], down [H, I]); experts keep the FFN's dtype, the router is fp32.
+    `gen` draws the routers of successive layers (the same sequence however they are written)."""
+    E, ffn, pre = new.moe.num_experts, gate.shape[0], f"layers.{i}.ffn."
+    dtype = gate.dtype
+    parts = None
+    if mode == "copy":
+        w_gate_up = torch.cat([gate.t(), up.t()], dim=1).expand(E, -1, -1).clone()
+        w_down = down.t().expand(E, -1, -1).clone()
+    else:
+        if split_method == "random":
+            parts = random_partition(ffn, E, seed + i)
         else:
-            if split_method == "random":
-                parts = random_partition(ffn, num_experts, seed + i)
-            else:
-                parts = kmeans_partition(torch.cat([gate, up], dim=1).numpy(), num_experts, seed + i)
-            partitions[i] = parts
-            idx = [torch.from_numpy(p) for p in parts]
-            w_gate_up = torch.stack([torch.cat([gate[p].t(), up[p].t()], dim=1) for p in idx])
-            w_down = torch.stack([down[:, p].t() for p in idx])
-        out[pre + "experts.w_gate_up"] = w_gate_up.contiguous()      # [E, H, 2I_e]
-        out[pre + "experts.w_down"] = w_down.contiguous()            # [E, I_e, H]
-        out[pre + "router.weight"] = torch.randn(num_experts, cfg.d_model, generator=gen) * router_std
-        out[pre + "router.expert_bias"] = torch.zeros(num_experts)
+            parts = kmeans_partition(torch.cat([gate, up], dim=1).float().numpy(), E, seed + i)
+        idx = [torch.from_numpy(p) for p in parts]
+        w_gate_up = torch.stack([torch.cat([gate[p].t(), up[p].t()], dim=1) for p in idx])
+        w_down = torch.stack([down[:, p].t() for p in idx])
+    out = {pre + "experts.w_gate_up": w_gate_up.to(dtype).contiguous(),     # [E, H, 2I_e]
+           pre + "experts.w_down": w_down.to(dtype).contiguous(),           # [E, I_e, H]
+           pre + "router.weight": torch.randn(E, new.d_model, generator=gen) * router_std,
+           pre + "router.expert_bias": torch.zeros(E)}
+    return out, parts
+
+
+_FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def upcycle_tensors(new: ModelConfig, state, mode: str = "copy", split_method: str = "random",
+                    router_std: float = 0.02, seed: int = 0, partitions: dict | None = None):
+    """(name, tensor) of the upcycled model, in model order, from a dense state: a dict or a lazy
+    reader (convert.open_model_state; released after every layer, so one layer is in memory)."""
+    gen = torch.Generator().manual_seed(seed)
+    names = list(state.names) if hasattr(state, "names") else list(state)
+    release = getattr(state, "release", lambda: None)
+    for i in range(new.num_layers):
+        if is_moe_layer(new, i):
+            pre = f"layers.{i}.ffn."
+            missing = [n for n in _FFN if pre + n + ".weight" not in names]
+            if missing:
+                raise ValueError(f"the dense checkpoint lacks the FFN of layer {i}")
+    layer = None
+    for name in names:
+        m = name.split(".")
+        if m[0] == "layers" and int(m[1]) != layer:
+            release()
+            layer = int(m[1])
+            if is_moe_layer(new, layer):
+                pre = f"layers.{layer}.ffn."
+                gate, up, down = (state[pre + n + ".weight"] for n in _FFN)
+                tensors, parts = upcycle_layer(new, layer, gate, up, down, mode, split_method,
+                                               router_std, seed, gen)
+                del gate, up, down
+                if parts is not None and partitions is not None:
+                    partitions[layer] = parts
+                yield from tensors.items()
+        if m[0] == "layers" and is_moe_layer(new, int(m[1])) and m[2] == "ffn":
+            continue            # the dense FFN, replaced above
+        yield name, state[name]
+    release()
+
+
+def upcycle(cfg: ModelConfig, state: dict, num_experts: int, top_k: int, mode: str = "copy",
+            split_method: str = "random", router_mode: str | None = None,
+            norm_topk_prob: bool = False, routed_scaling_factor: float | None = None,
+            router_std: float = 0.02, first_k_dense: int = 0, moe_layer_freq: int = 1,
+            seed: int = 0) -> tuple[ModelConfig, dict, dict[int, list[np.ndarray]]]:
+    """(MoE config, MoE state dict, {layer: neuron partition} in split mode) of a dense model
+    held in memory (the CLI streams instead: upcycle_tensors over a lazy reader)."""
+    new = upcycle_config(cfg, num_experts, top_k, mode, split_method, router_mode, norm_topk_prob,
+                         routed_scaling_factor, router_std, first_k_dense, moe_layer_freq)
+    partitions: dict[int, list[np.ndarray]] = {}
+    out = dict(upcycle_tensors(new, state, mode, split_method, router_std, seed, partitions))
     return new, out, partitions
 
 
@@ -183,24 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from megamoe.hf.convert import load_any
+    from megamoe.hf.convert import open_model_state
+    from megamoe.hf.tokens import hf_side
 
     args = build_parser().parse_args(argv)
     try:
-        cfg, state, what = load_any(args.src)
-        new, out, _ = upcycle(cfg, state, args.num_experts, args.top_k, args.mode, args.split_method,
-                              args.router_mode, args.norm_topk_prob, args.routed_scaling_factor,
-                              args.router_std, args.first_k_dense, args.moe_layer_freq, args.seed)
-        extra, base = {}, TrainConfig()
-        tok = os.path.join(args.src, "tokenizer.json")
-        if is_hf_dir(args.src) and os.path.isfile(tok):
-            extra["tokenizer.json"] = tok
-            base.data.tokenizer = os.path.join(os.path.abspath(args.dst), "tokenizer.json")
-        write_megamoe(args.dst, new, out, overwrite=args.overwrite, extra_files=extra, base=base)
+        st = open_model_state(args.src)
+        new = upcycle_config(st.cfg, args.num_experts, args.top_k, args.mode, args.split_method,
+                             args.router_mode, args.norm_topk_prob, args.routed_scaling_factor,
+                             args.router_std, args.first_k_dense, args.moe_layer_freq)
+        extra, base, text = {}, TrainConfig(), {}
+        if is_hf_dir(args.src):       # keep the tokenizer and special tokens for to-hf
+            extra, meta = hf_side(args.src, st.hf_config)
+            meta["model_type"] = None          # an MoE now: to-hf picks the type
+            text[HF_META] = json.dumps(meta, indent=2)
+            if "tokenizer.json" in extra:
+                base.data.tokenizer = os.path.join(os.path.abspath(args.dst), "tokenizer.json")
+        with megamoe_writer(args.dst, new, args.overwrite, base, extra_files=extra, extra_text=text) as w:
+            for name, t in upcycle_tensors(new, st, args.mode, args.split_method, args.router_std,
+                                           args.seed):
+                w.add(name, t)
+    except WriteError:
+        raise
     except OSError as err:
         raise ValueError(f"{err.strerror or err}: {err.filename}") from None
     moe = new.moe
-    print(f"megamoe upcycle: wrote {args.dst} from a {what}: {moe.num_experts} experts "
+    print(f"megamoe upcycle: wrote {args.dst} from a {st.what}: {moe.num_experts} experts "
           f"(top-{moe.top_k}, {args.mode}, expert_hidden {moe.expert_hidden}, router {moe.router_mode}, "
           f"routed_scaling_factor {moe.routed_scaling_factor:g})")
     return 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from megamoe.config import ModelConfig
 from megamoe.model.norm import build_norm
-from megamoe.model.rope import apply_rope, rope_cache  # noqa: F401  (RoPE's home is rope.py)
+from megamoe.model.rope import apply_rope
 
 
 class Attention(nn.Module):

@@ -157,7 +157,7 @@ def _attention_flops(cfg: ModelConfig) -> float:
 def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token (fwd + bwd = 3 x forward), Megatron-style formula with the MoE
     FFN counted for the top-k experts actually used (+ shared experts + router)."""
-    H, S, L, V = cfg.d_model, cfg.seq_length, cfg.num_layers, cfg.vocab_size
+    H, L, V = cfg.d_model, cfg.num_layers, cfg.vocab_size
     attn = _attention_flops(cfg)
     total = 0.0
     for i in range(L):

@@ -179,7 +179,32 @@ def split_buckets(params: list, bucket_numel: int) -> list[list]:
     return out + ([current] if current else [])
 
 
-class GradReducer:
+class BucketedReduction:
+    """What GradReducer and ZeroOptimizer share: buckets launched by a BucketLauncher
+    (self.launcher, self.buckets, self.mesh), each with finish(dp) to wait and scale."""
+
+    @property
+    def overlap(self) -> bool:
+        return self.launcher.overlap
+
+    @overlap.setter
+    def overlap(self, value: bool) -> None:
+        self.launcher.overlap = value
+
+    def no_sync(self, params, last: bool):
+        return self.launcher.no_sync(params, last)
+
+    def reduce_grads(self) -> None:
+        # Whatever did not start during backward starts now, still in bucket order.
+        self.launcher.launch_rest()
+        try:
+            for b in self.buckets:
+                b.finish(self.mesh.dp)
+        finally:
+            self.launcher.reset()
+
+
+class GradReducer(BucketedReduction):
     """Plain data parallel: bucketed all-reduce of the gradients, overlapped with backward.
 
     Buckets hold parameters of one reduce group, in backward order (last layers first), with
@@ -203,26 +228,6 @@ class GradReducer:
         self.launcher = BucketLauncher(buckets, order, overlap)
         self.buckets = self.launcher.buckets
 
-    @property
-    def overlap(self) -> bool:
-        return self.launcher.overlap
-
-    @overlap.setter
-    def overlap(self, value: bool) -> None:
-        self.launcher.overlap = value
-
-    def no_sync(self, params, last: bool):
-        return self.launcher.no_sync(params, last)
-
-    def reduce_grads(self) -> None:
-        # Whatever did not start during backward starts now, still in bucket order.
-        self.launcher.launch_rest()
-        try:
-            for b in self.buckets:
-                b.finish(self.mesh.dp)
-        finally:
-            self.launcher.reset()
-
     def grad_norm(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
         device = params[0].device if params else torch.device("cpu")
@@ -233,5 +238,5 @@ class GradReducer:
         return global_norm(sq)
 
 
-__all__ = ["GradReducer", "BucketLauncher", "split_buckets", "counts_in_norm", "global_norm", "mark_late_grad",
+__all__ = ["GradReducer", "BucketLauncher", "BucketedReduction", "split_buckets", "counts_in_norm", "global_norm", "mark_late_grad",
            "DEFAULT_BUCKET_NUMEL"]

@@ -96,7 +96,12 @@ def apply_tp(model: nn.Module, mesh: ParallelMesh, sequence_parallel: bool = Fal
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(attn, name, ColumnParallelLinear(getattr(attn, name), group))
         attn.o_proj = RowParallelLinear(attn.o_proj, group, out_mode)
-        if attn.q_norm is not None:
+        if attn.q_norm is not None and attn.per_head_norm:
+            # Qwen3's per-head norms: full copies, each rank normalises its own heads, so the
+            # gradient is a partial sum over this rank's heads.
+            _mark_tp_partial(attn.q_norm, True)
+            _mark_tp_partial(attn.k_norm, True)
+        elif attn.q_norm is not None:
             attn.q_norm = ShardedRMSNorm(attn.q_norm, group)
             attn.k_norm = ShardedRMSNorm(attn.k_norm, group)
         attn.register_forward_pre_hook(_prepare_input_hook(group, in_mode))
@@ -135,8 +140,8 @@ def check_model_config(cfg, mesh: ParallelMesh, sequence_parallel: bool) -> None
     m = cfg.model
     if m.attention == "mla" and mesh.tp > 1:
         raise ValueError("MLA attention is not tensor-parallel yet; use tp 1 (EP/DP/PP work)")
-    if mesh.tp > 1 and m.qk_norm and m.norm != "rmsnorm":
-        raise ValueError("model.qk_norm with parallel.tp > 1 needs model.norm rmsnorm")
+    if mesh.tp > 1 and m.qk_norm and m.qk_norm_scope == "projection" and m.norm != "rmsnorm":
+        raise ValueError("model.qk_norm (scope projection) with parallel.tp > 1 needs model.norm rmsnorm")
     if m.moe is not None and m.moe.expert_hidden % mesh.etp:
         raise ValueError(f"model.moe.expert_hidden ({m.moe.expert_hidden}) must be divisible by "
                          f"parallel.etp ({mesh.etp})")

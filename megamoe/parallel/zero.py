@@ -27,8 +27,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.autograd.graph import increment_version
 
 from megamoe.parallel import collectives as C
-from megamoe.parallel.data import (DEFAULT_BUCKET_NUMEL, LATE_GRAD_ATTR, BucketLauncher, global_norm,
-                                   split_buckets)
+from megamoe.parallel.data import (DEFAULT_BUCKET_NUMEL, LATE_GRAD_ATTR, BucketedReduction, BucketLauncher,
+                                   global_norm, split_buckets)
 from megamoe.parallel.guard import guarded
 from megamoe.parallel.mesh import ParallelMesh
 from megamoe.parallel.params import get_spec
@@ -63,8 +63,12 @@ class _Bucket:
                 p.data = self.param_buf[offset:offset + p.numel()].view_as(p)
                 self.offsets.append(offset)
                 offset += p.numel()
-        # fp32 master copy of this rank's slice (the optimizer steps this, not the model params)
-        self.master = torch.nn.Parameter(upcast(self.param_buf[self.lo:self.hi].detach()).clone())
+        # fp32 master copy of this rank's slice (the optimizer steps this, not the model params).
+        # Params already in the accumulation dtype (fp32 params under bf16 autocast, megamoe's
+        # default) are their own masters: the master IS the slice of the flat buffer, so AdamW
+        # steps the params in place and no second fp32 copy is kept.
+        own = self.param_buf[self.lo:self.hi].detach()
+        self.master = torch.nn.Parameter(own if upcast(own) is own else upcast(own).clone())
         # Params whose gradient is a per-TP-rank partial sum: summed over TP before the reduce-scatter.
         self.tp_partial = [i for i, p in enumerate(self.params)
                            if get_spec(p).reduce_group == "dp_tp" and mesh.tp > 1]
@@ -132,7 +136,7 @@ class _Bucket:
                            for n, p, o in zip(self.names, self.params, self.offsets)]}
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(BucketedReduction):
     """ZeRO-1 AdamW. Same interface as the torch optimizer the trainer uses (param_groups,
     zero_grad, step, state_dict, load_state_dict) plus no_sync() / reduce_grads() / grad_norm().
     zero_grad always zeroes the flat gradient buffers (set_to_none is ignored: the views must
@@ -173,28 +177,9 @@ class ZeroOptimizer:
     def param_groups(self):
         return self.inner.param_groups
 
-    @property
-    def overlap(self) -> bool:
-        return self.launcher.overlap
-
-    @overlap.setter
-    def overlap(self, value: bool) -> None:
-        self.launcher.overlap = value
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
             b.attach_grads()
-
-    def no_sync(self, params, last: bool):
-        return self.launcher.no_sync(params, last)
-
-    def reduce_grads(self) -> None:
-        self.launcher.launch_rest()
-        try:
-            for b in self.buckets:
-                b.finish(self.mesh.dp)
-        finally:
-            self.launcher.reset()
 
     def grad_norm(self) -> torch.Tensor:
         device = self.buckets[0].grad_buf.device if self.buckets else torch.device("cpu")
@@ -221,7 +206,8 @@ class ZeroOptimizer:
         the next. Every rank walks the same buckets and chunks in the same order."""
         in_flight = collections.deque()
         for b in buckets:
-            b.param_buf[b.lo:b.hi].copy_(b.master.detach())
+            if b.master.data_ptr() != b.param_buf[b.lo:b.hi].data_ptr():   # not its own master
+                b.param_buf[b.lo:b.hi].copy_(b.master.detach())
             if b.size == 1:
                 continue
             step = max(1, self.bucket_numel // b.size)

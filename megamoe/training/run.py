@@ -63,6 +63,9 @@ def parse_args(argv: list[str]):
         description="Train a model. Any config field can be overridden: --model.moe.num_experts 16")
     parser.add_argument("--config", help="YAML config file (may name a preset: 'preset: tiny')")
     parser.add_argument("--preset", help="start from a preset (tiny, olmoe-1b-7b, mixtral-8x7b, ...)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan of the configured layout "
+                        "(memory, step time; `megamoe plan`) on --gpus GPUs and exit")
+    parser.add_argument("--gpus", type=int, help="with --dry-run: GPUs (default: the launcher's world size)")
     args, overrides = parser.parse_known_args(argv)
     if args.config is None and args.preset is None:
         args.preset = "tiny"
@@ -98,6 +101,9 @@ def main(argv: list[str]) -> int:
     cfg = load(args.config, overrides, args.preset)
     from megamoe.parallel.launch import detect_env
     world_size = detect_env().world_size   # torchrun or a Slurm step (not the batch shell)
+    if args.dry_run:
+        from megamoe.plan.cli import dry_run
+        return dry_run(cfg, args.gpus or world_size)
     stop = StopFlag()
     stop.install()
     torch.manual_seed(cfg.seed)
@@ -136,6 +142,8 @@ def main(argv: list[str]) -> int:
               f"device {device}, world size {world_size}", flush=True)
         if counts.describe_per_rank():
             print(f"megamoe: {counts.describe_per_rank()}", flush=True)
+        from megamoe.plan.report import predicted_memory_line
+        print(predicted_memory_line(cfg, world_size, run.backends.precision), flush=True)
     agreed = AgreedStop(stop, distributed=world_size > 1, device=device)
     history = trainer.train(stop_requested=agreed)
     if trainer.is_main and history:

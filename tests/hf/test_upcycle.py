@@ -127,3 +127,45 @@ def test_upcycle_refusals(tmp_path, capsys):
     assert cli_main(["upcycle", str(tmp_path / "missing"), str(tmp_path / "o"), "--num-experts", "4",
                      "--top-k", "2"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_split_upcycle_cli_streams_and_exports_with_special_tokens(tmp_path, capsys):
+    """CLI: an HF llama directory (with a tokenizer and an EOS id) -> split-upcycled megamoe
+    out_dir (model-only sharded weights, tokenizer kept) -> to-hf as qwen2_moe with the
+    routed scaling folded in: transformers computes the megamoe logits and knows the EOS."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    pytest.importorskip("transformers")
+    from hfutil import load_hf
+
+    cfg, dense = _dense()
+    megamoe_to_hf(save_megamoe(tmp_path / "run", cfg, dense), str(tmp_path / "llama"),
+                  token_ids={"eos_token_id": 1})
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["a b c"] * 5, trainers.BpeTrainer(vocab_size=60, special_tokens=["<s>", "</s>"]))
+    tk.save(str(tmp_path / "llama" / "tokenizer.json"))
+    assert cli_main(["upcycle", str(tmp_path / "llama"), str(tmp_path / "moe"), "--num-experts", "4",
+                     "--top-k", "2", "--mode", "split", "--router-std", "0.3"]) == 0
+    step = tmp_path / "moe" / "checkpoints" / "step_00000000"
+    assert "metadata.json" in os.listdir(step) and "model.pt" not in os.listdir(step)
+    assert (tmp_path / "moe" / "tokenizer.json").is_file()
+    new_cfg, state = load_megamoe_state(str(tmp_path / "moe"))
+    assert new_cfg.moe.routed_scaling_factor == 4.0
+    # Same partitions and routers as the function API (the stream draws them in the same order).
+    _, api_state, _ = upcycle(cfg, dense.state_dict(), 4, 2, mode="split", router_std=0.3)
+    assert all(torch.equal(api_state[k], state[k]) for k in api_state)
+
+    assert cli_main(["convert", "to-hf", str(tmp_path / "moe"), str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2_moe" in out and "folded routed_scaling_factor 4" in out
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["eos_token_id"] == 1
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "llama" / "tokenizer.json").read_bytes()
+    hf = load_hf(tmp_path / "hf")
+    x = tokens()
+    with torch.no_grad():
+        assert max_diff(_build(new_cfg, state)(x), hf(x).logits) < 1e-4

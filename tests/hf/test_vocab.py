@@ -129,3 +129,79 @@ def test_extend_vocab_tool(tok_pair, tmp_path, capsys):
     assert tool.run([ckpt, str(tmp_path / "ext2"), "--new-tokenizer", str(new_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("extend_vocab: error:") and "--old-tokenizer" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_subtoken_mean_rows_are_the_mean_of_the_old_pieces(tok_pair, tmp_path, tied):
+    """--init subtoken-mean: a new token's row is the mean of the rows of the old tokenizer's
+    encoding of its text (checked through the full old tokenizer, not the code's own split);
+    old rows are exact and padding rows are the mean of the old rows."""
+    from tokenizers import Tokenizer
+
+    old_path, new_path, old, _ = tok_pair
+    cfg = ModelConfig(vocab_size=300, d_model=16, num_layers=1, num_heads=2, ffn_hidden=32,
+                      seq_length=8, tie_embeddings=tied, init_std=0.1, moe=None)
+    model = build_model(cfg, seed=0)
+    ckpt = save_megamoe(tmp_path / "run", cfg, model)
+    tool = _tool()
+    assert tool.run([ckpt, str(tmp_path / "ext"), "--old-tokenizer", str(old_path), "--new-tokenizer",
+                     str(new_path), "--pad-to", "64", "--init", "subtoken-mean"]) == 0
+    new_cfg, state = load_megamoe_state(str(tmp_path / "ext"))
+    merged = json.loads((tmp_path / "ext" / "tokenizer.json").read_text())
+    tok_old, tok_merged = Tokenizer.from_str(json.dumps(old)), Tokenizer.from_str(json.dumps(merged))
+    n_old, n_merged = tokenizer_size(old), tokenizer_size(merged)
+    before = model.state_dict()
+    checked = 0
+    for name in ("embed.weight", "lm_head.weight"):
+        w_old, w_new = before[name], state[name]
+        assert torch.equal(w_new[:n_old], w_old[:n_old])
+        mean = w_old[:n_old].double().mean(0).float()
+        assert torch.equal(w_new[n_merged:], mean.expand(new_cfg.vocab_size - n_merged, -1))
+        for text in (" quarks", " fields", " bind", " chromodynamics"):
+            (new_id,) = tok_merged.encode(text).ids          # one new token in the merged vocab
+            assert new_id >= n_old
+            pieces = tok_old.encode(text).ids
+            assert len(pieces) > 1
+            expected = w_old[pieces].double().mean(0).float()
+            assert torch.equal(w_new[new_id], expected), (name, text)
+            assert not torch.equal(w_new[new_id], mean)
+            checked += 1
+    assert checked == 8
+    if tied:
+        assert torch.equal(state["embed.weight"], state["lm_head.weight"])
+    # the default stays the plain mean
+    assert tool.run([ckpt, str(tmp_path / "ext_mean"), "--old-tokenizer", str(old_path),
+                     "--new-tokenizer", str(new_path)]) == 0
+    _, plain = load_megamoe_state(str(tmp_path / "ext_mean"))
+    mean = before["embed.weight"][:n_old].double().mean(0).float()
+    assert torch.equal(plain["embed.weight"][n_old:], mean.expand(plain["embed.weight"].shape[0] - n_old, -1))
+
+
+def test_extend_vocab_streams_from_a_hugging_face_directory(tok_pair, tmp_path):
+    """An HF llama directory as the source: every tensor but the grown embeddings is copied
+    unchanged, in the source dtype (bf16 here), and the result loads as a megamoe model."""
+    import transformers
+
+    from hfutil import hf_config
+    from megamoe.hf.convert import read_hf
+    from megamoe.hf.vocab import extend_vocab
+
+    old_path, new_path, old, _ = tok_pair
+    config = hf_config("llama")
+    config.vocab_size = 300
+    hf = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    _, cfg, state, _ = read_hf(str(tmp_path / "hf"))
+    extend_vocab(str(tmp_path / "hf"), str(tmp_path / "ext"), str(new_path), str(old_path), pad_to=64,
+                 init="subtoken-mean")
+    new_cfg, ext = load_megamoe_state(str(tmp_path / "ext"))
+    n_old = tokenizer_size(old)
+    assert new_cfg.vocab_size == 384 and set(ext) == set(state)
+    for name, t in state.items():
+        assert ext[name].dtype == torch.bfloat16, name
+        if name in ("embed.weight", "lm_head.weight"):
+            assert torch.equal(ext[name][:n_old], t[:n_old])
+        else:
+            assert torch.equal(ext[name], t), name
+    model = build_model(new_cfg)
+    model.load_state_dict({k: v.float() for k, v in ext.items()})

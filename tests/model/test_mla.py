@@ -8,7 +8,7 @@ import torch
 
 from megamoe.config import ModelConfig, MoEConfig, TrainConfig, validate
 from megamoe.hf.layouts_deepseek import mla_tensor_from_hf
-from megamoe.model.attention import rope_cache
+from megamoe.model.rope import rope_cache
 from megamoe.model.mla import MLAttention
 from megamoe.model.transformer import build_model, flops_per_token
 

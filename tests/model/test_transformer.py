@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.config import ModelConfig, MoEConfig, preset
-from megamoe.model.attention import apply_rope, rope_cache
+from megamoe.model.rope import apply_rope, rope_cache
 from megamoe.model.mlp import SwiGLU
 from megamoe.model.transformer import build_model, flops_per_token
 from megamoe.moe.layer import MoELayer

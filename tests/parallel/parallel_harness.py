@@ -65,6 +65,31 @@ def train_reference(cfg):
     return [h["loss"] for h in hist], {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def parallel_model_step_inputs(cfg, rank: int, world: int, parallel: dict):
+    """(model, loss_fn, moe layers, one micro-batch [mbs, SEQ+1]) of cfg.model in fp64, sharded
+    by `parallel` (make_layout's arguments + sequence_parallel), in train mode; the batch is
+    seeded by the DP rank (TP / EP peers of one DP rank see the same tokens)."""
+    import torch.nn.functional as F
+
+    from megamoe.model.transformer import build_model
+    from megamoe.moe.layer import MoELayer
+    from megamoe.parallel.mesh import ParallelMesh, make_layout
+    from megamoe.parallel.parallelize import parallelize_model
+
+    parallel = dict(parallel)
+    sp = parallel.pop("sequence_parallel", False)
+    mesh = ParallelMesh(make_layout(world, **parallel), rank)
+    model = build_model(cfg.model, seed=cfg.seed).double()
+    model, loss_fn = parallelize_model(model, mesh, sequence_parallel=sp)
+    loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+    model.train()
+    moes = [m for m in model.modules() if isinstance(m, MoELayer)]
+    gen = torch.Generator().manual_seed(3 + mesh.rank_in("dp"))
+    data = torch.randint(0, VOCAB, (cfg.micro_batch_size, SEQ + 1), generator=gen)
+    return model, loss_fn, moes, data
+
+
 def gather_full_params(model) -> dict[str, torch.Tensor] | None:
     """Reassemble every parameter from all ranks' shards (on rank 0; None elsewhere)."""
     from megamoe.parallel.params import get_spec, place_shard

@@ -226,24 +226,10 @@ def test_dedup_in_bf16_sums_partials_in_fp32():
 # ---------------------------------------------------------------------------------- model level
 
 def _model_worker(rank, world, top_k, parallel):
-    from megamoe.moe.layer import MoELayer
-    from megamoe.model.transformer import build_model
-    from megamoe.parallel.mesh import ParallelMesh, make_layout
-    from megamoe.parallel.parallelize import parallelize_model
-
     cfg = H.tiny_cfg()
     cfg.model.moe.top_k = top_k
-    sp = parallel.pop("sequence_parallel", False)
-    mesh = ParallelMesh(make_layout(world, **parallel), rank)
-    model = build_model(cfg.model, seed=cfg.seed).double()
-    model, loss_fn = parallelize_model(model, mesh, sequence_parallel=sp)
-    loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
-    model.train()
-    moes = [m for m in model.modules() if isinstance(m, MoELayer)]
+    model, loss_fn, moes, data = H.parallel_model_step_inputs(cfg, rank, world, parallel)
     assert moes and all(hasattr(m.dispatcher, "dedup") for m in moes)
-    gen = torch.Generator().manual_seed(3 + mesh.rank_in("dp"))
-    data = torch.randint(0, H.VOCAB, (cfg.micro_batch_size, H.SEQ + 1), generator=gen)
     out = {}
     for dedup in (False, True):
         for m in moes:

@@ -15,7 +15,6 @@ chunk 1's experts run, and there is still one device-to-host transfer for the la
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import parallel_harness as H
 
@@ -24,24 +23,10 @@ VARIANTS = [(chunks, recompute) for chunks in (1, 2, 3) for recompute in (None, 
 
 
 def _model_worker(rank, world, parallel):
-    from megamoe.model.transformer import build_model
-    from megamoe.moe.layer import MoELayer
-    from megamoe.parallel.mesh import ParallelMesh, make_layout
-    from megamoe.parallel.parallelize import parallelize_model
-
     cfg = H.tiny_cfg()
     cfg.model.moe.num_shared_experts, cfg.model.moe.shared_expert_gate = 1, True
-    sp = parallel.pop("sequence_parallel", False)
-    mesh = ParallelMesh(make_layout(world, **parallel), rank)
-    model = build_model(cfg.model, seed=cfg.seed).double()
-    model, loss_fn = parallelize_model(model, mesh, sequence_parallel=sp)
-    loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
-    model.train()
-    moes = [m for m in model.modules() if isinstance(m, MoELayer)]
+    model, loss_fn, moes, data = H.parallel_model_step_inputs(cfg, rank, world, parallel)
     assert moes and all(m.shared_experts is not None and hasattr(m.dispatcher, "chunks") for m in moes)
-    gen = torch.Generator().manual_seed(3 + mesh.rank_in("dp"))
-    data = torch.randint(0, H.VOCAB, (cfg.micro_batch_size, H.SEQ + 1), generator=gen)
     out = {}
     for chunks, recompute in VARIANTS:
         for m in moes:
