@@ -559,3 +559,23 @@ def test_transformers_saved_checkpoint_without_shared_experts_imports(tmp_path):
     x = tokens()
     with torch.no_grad():
         assert max_diff(model(x), hf(x).logits) < TOL
+
+
+def test_deepseek_moe_bf16_round_trip_is_byte_identical(tmp_path):
+    """The remote-code deepseek layout in bf16: HF -> megamoe -> HF keeps every tensor's bytes
+    and dtype (transformers has no class for it, so the files are compared directly)."""
+    from safetensors.torch import load_file, save_file
+
+    _, state = _qwen2_reference(tmp_path)
+    d = tmp_path / "deepseek"
+    d.mkdir()
+    bf16 = {k: v.to(torch.bfloat16) for k, v in _qwen2_to_deepseek(state).items()}
+    save_file(bf16, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(_deepseek_config_json(torch_dtype="bfloat16")))
+    hf_to_megamoe(str(d), str(tmp_path / "mm"))
+    megamoe_to_hf(str(tmp_path / "mm"), str(tmp_path / "out"))
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(exported) == set(bf16)
+    for k, t in bf16.items():
+        assert exported[k].dtype == torch.bfloat16 and torch.equal(exported[k].view(torch.uint8),
+                                                                    t.view(torch.uint8)), k

@@ -41,7 +41,11 @@ def _tensors(d):
     return out
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe", "mixtral"])
+ALL_HF_TYPES = ["llama", "olmo2", "olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "deepseek_v2",
+                "deepseek_v3"]
+
+
+@pytest.mark.parametrize("model_type", ALL_HF_TYPES)
 def test_bf16_round_trip_is_byte_identical(model_type, tmp_path):
     """bf16 stays bf16 and the fp32 router (gate.weight, e_score_correction_bias) stays fp32."""
     _hf_dir(model_type, tmp_path / "hf", dtype=torch.bfloat16)
@@ -55,7 +59,7 @@ def test_bf16_round_trip_is_byte_identical(model_type, tmp_path):
     for k, t in before.items():
         assert t.dtype == after[k].dtype, k
         assert torch.equal(t.view(torch.uint8), after[k].view(torch.uint8)), k
-    if model_type != "mixtral":
+    if model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3"):
         assert before["model.layers.1.mlp.gate.weight"].dtype == torch.float32
     with open(tmp_path / "back" / "config.json") as f:
         cfg = json.load(f)
