@@ -159,15 +159,20 @@ def write_config(directory: str, config: dict) -> None:
 
 # --------------------------------------------------------------------------------- reading
 
-def read_marker(ckpt_dir: str) -> dict | None:
-    path = os.path.join(ckpt_dir, MARKER)
+def read_json(path: str, what: str = "", error: type[ValueError] = ValueError) -> dict | None:
+    """The JSON at `path`, None when there is no such file; unreadable -> `error`, one line
+    naming the file (`what` says what it is)."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint marker {path} is unreadable ({err})") from None
+        raise error(f"{what + ' ' if what else ''}{path} is unreadable ({err})") from None
+
+
+def read_marker(ckpt_dir: str) -> dict | None:
+    return read_json(os.path.join(ckpt_dir, MARKER), "checkpoint marker", CheckpointError)
 
 
 def verify(ckpt_dir: str) -> None:

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 
-from megamoe.checkpoint.files import writing
+from megamoe.checkpoint.files import read_json, writing
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -44,19 +44,9 @@ def kept_files(meta: dict, meta_dir: str | None) -> dict[str, str]:
             if os.path.isfile(os.path.join(meta_dir, f))}
 
 
-def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is unreadable ({err})") from None
-
-
 def hf_side(src: str, hf_config: dict) -> tuple[dict[str, str], dict]:
     """({name: path} of the tokenizer files to keep, HF_META contents) of an HF directory."""
-    gen = _read_json(os.path.join(src, "generation_config.json"))
+    gen = read_json(os.path.join(src, "generation_config.json"))
     ids = {}
     for k in ID_KEYS:
         v = hf_config.get(k)
@@ -106,7 +96,7 @@ def generation_config(meta: dict, ids: dict, overrides: dict | None = None) -> d
 
 def _token_strings(tok_json: str, ids: dict) -> dict[str, str]:
     """{"bos_token": content, ...} of the special ids, looked up in tokenizer.json."""
-    data = _read_json(tok_json) or {}
+    data = read_json(tok_json) or {}
     content = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
     vocab = (data.get("model") or {}).get("vocab")
     if isinstance(vocab, dict):

@@ -144,6 +144,16 @@ def save_megamoe(out_dir, cfg, model, step: int = 3) -> str:
                            config=to_dict(TrainConfig(model=cfg)))
 
 
+def megamoe_from(out_dir):
+    """(ModelConfig, eval-mode model) of a megamoe checkpoint / out_dir."""
+    from megamoe.hf.io import load_megamoe_state
+
+    cfg, state = load_megamoe_state(str(out_dir))
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    return cfg, model.eval()
+
+
 def tokens(batch: int = 2, seq: int = SEQ, seed: int = 5) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

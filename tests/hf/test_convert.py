@@ -9,11 +9,10 @@ import os
 import pytest
 import torch
 
-from hfutil import (MEGAMOE_CONFIGS, hf_config, load_hf, max_diff, megamoe_model, perturb,
+from hfutil import (MEGAMOE_CONFIGS, hf_config, load_hf, max_diff, megamoe_from, megamoe_model, perturb,
                     save_megamoe, tokens)
 from megamoe.config import load as load_train_config
 from megamoe.hf.convert import hf_to_megamoe, megamoe_to_hf
-from megamoe.hf.io import load_megamoe_state
 from megamoe.model.transformer import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -22,13 +21,6 @@ transformers.logging.set_verbosity_error()
 TYPES = list(MEGAMOE_CONFIGS)
 MOE_TYPES = [t for t in TYPES if MEGAMOE_CONFIGS[t]().moe is not None]
 TOL = 1e-4
-
-
-def _megamoe_from(out_dir):
-    cfg, state = load_megamoe_state(str(out_dir))
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    return cfg, model.eval()
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -46,7 +38,7 @@ def test_megamoe_to_hf_same_logits_and_round_trip(model_type, tmp_path):
 
     # ... and back: bit-exact weights, and a config that computes exactly the same function.
     hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "back"))
-    _, back = _megamoe_from(tmp_path / "back")
+    _, back = megamoe_from(tmp_path / "back")
     original, returned = model.state_dict(), back.state_dict()
     assert set(original) == set(returned)
     for name, t in original.items():
@@ -74,7 +66,7 @@ def test_hf_to_megamoe_same_logits(model_type, tmp_path):
         assert any(".experts.0." in k for k in keys) and not any("gate_up_proj" in k for k in keys)
 
     hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "mm"))
-    _, model = _megamoe_from(tmp_path / "mm")
+    _, model = megamoe_from(tmp_path / "mm")
     x = tokens()
     with torch.no_grad():
         assert max_diff(model(x), hf(x).logits) < TOL
@@ -95,7 +87,7 @@ def test_hf_fused_expert_layout_on_disk(model_type, tmp_path):
     hf.config.to_json_file(str(d / "config.json"))
 
     hf_to_megamoe(str(d), str(tmp_path / "mm"))
-    _, model = _megamoe_from(tmp_path / "mm")
+    _, model = megamoe_from(tmp_path / "mm")
     x = tokens()
     with torch.no_grad():
         assert max_diff(model(x), hf(x).logits) < TOL
@@ -117,7 +109,7 @@ def test_sharded_output_loads_and_converts_back(tmp_path):
     with torch.no_grad():
         assert max_diff(model(x), hf(x).logits) < TOL
     hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "back"))
-    _, back = _megamoe_from(tmp_path / "back")
+    _, back = megamoe_from(tmp_path / "back")
     for name, t in model.state_dict().items():
         assert torch.equal(t, back.state_dict()[name]), name
 

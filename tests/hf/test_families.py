@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from hfutil import (LLAMA3, MEGAMOE_CONFIGS, YARN, YARN_MLA, hf_config, hf_rope, load_hf,
-                    max_diff, megamoe_model, perturb, save_megamoe, tokens)
+from hfutil import (LLAMA3, MEGAMOE_CONFIGS, YARN, YARN_MLA, hf_config, hf_rope, load_hf, max_diff,
+                    megamoe_from, megamoe_model, perturb, save_megamoe, tokens)
 from megamoe.config import ModelConfig, RopeScaling, TrainConfig, from_dict, to_dict
 from megamoe.hf.convert import from_hf_state, hf_to_megamoe, megamoe_to_hf
 from megamoe.hf.io import load_megamoe_state
@@ -24,13 +24,6 @@ from megamoe.model.transformer import build_model
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 TOL = 1e-4
-
-
-def _megamoe_from(out_dir):
-    cfg, state = load_megamoe_state(str(out_dir))
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    return cfg, model.eval()
 
 
 def _random_hf(config, seed=0):
@@ -88,7 +81,7 @@ def test_llama_rope_scaling_from_hf(scaling, tmp_path):
     hf = _random_hf(_llama_hf_config(scaling))
     hf.save_pretrained(str(tmp_path / "hf"))
     hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "mm"))
-    cfg, model = _megamoe_from(tmp_path / "mm")
+    cfg, model = megamoe_from(tmp_path / "mm")
     assert cfg.rope_scaling == RopeScaling(**scaling)
     x = tokens()
     with torch.no_grad():
@@ -159,7 +152,7 @@ def test_mla_yarn_is_applied(tmp_path):
         hf = _random_hf(hf_config(model_type))
         hf.save_pretrained(str(tmp_path / model_type))
         hf_to_megamoe(str(tmp_path / model_type), str(tmp_path / f"{model_type}_mm"))
-        cfg, model = _megamoe_from(tmp_path / f"{model_type}_mm")
+        cfg, model = megamoe_from(tmp_path / f"{model_type}_mm")
         assert cfg.rope_scaling == RopeScaling(**YARN_MLA)
         x = tokens()
         with torch.no_grad():
@@ -235,7 +228,7 @@ def test_group_limited_routing_matters(model_type, tmp_path):
     hf = _random_hf(hf_config(model_type), seed=3)
     hf.save_pretrained(str(tmp_path / "hf"))
     hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "mm"))
-    cfg, model = _megamoe_from(tmp_path / "mm")
+    cfg, model = megamoe_from(tmp_path / "mm")
     assert (cfg.moe.n_group, cfg.moe.topk_group) == (4, 2)
     x = tokens(batch=4)
     with torch.no_grad():
@@ -320,16 +313,22 @@ def _qwen2_reference(tmp_path):
     return hf, load_file(str(tmp_path / "qwen2" / "model.safetensors"))
 
 
-def test_deepseek_moe_from_remote_code_checkpoint(tmp_path):
+def _deepseek_dir(tmp_path, state: dict, **config):
+    """A remote-code deepseek model directory holding `state`."""
     from safetensors.torch import save_file
 
-    hf, state = _qwen2_reference(tmp_path)
     d = tmp_path / "deepseek"
     d.mkdir()
-    save_file(_qwen2_to_deepseek(state), str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(_deepseek_config_json()))
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(_deepseek_config_json(**config)))
+    return d
+
+
+def test_deepseek_moe_from_remote_code_checkpoint(tmp_path):
+    hf, state = _qwen2_reference(tmp_path)
+    d = _deepseek_dir(tmp_path, _qwen2_to_deepseek(state))
     hf_to_megamoe(str(d), str(tmp_path / "mm"))
-    cfg, model = _megamoe_from(tmp_path / "mm")
+    cfg, model = megamoe_from(tmp_path / "mm")
     assert (cfg.moe.router_mode, cfg.moe.norm_topk_prob, cfg.moe.num_shared_experts,
             cfg.moe.shared_expert_gate, cfg.moe.first_k_dense) == ("softmax_topk", False, 2, False, 1)
     x = tokens()
@@ -346,12 +345,9 @@ def test_deepseek_moe_export_loads_as_reference(tmp_path):
     from safetensors.torch import load_file, save_file
 
     hf, state = _qwen2_reference(tmp_path)
-    d = tmp_path / "deepseek"
-    d.mkdir()
-    save_file(_qwen2_to_deepseek(state), str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(_deepseek_config_json()))
+    d = _deepseek_dir(tmp_path, _qwen2_to_deepseek(state))
     hf_to_megamoe(str(d), str(tmp_path / "mm"))
-    cfg, model = _megamoe_from(tmp_path / "mm")
+    cfg, model = megamoe_from(tmp_path / "mm")
     megamoe_to_hf(str(tmp_path / "mm"), str(tmp_path / "out"))   # model type inferred: deepseek
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["architectures"] == ["DeepseekForCausalLM"] and written["model_type"] == "deepseek"
@@ -512,7 +508,7 @@ def test_glm4_moe_per_head_qk_norm_both_ways(tmp_path):
     hf = _random_hf(config)
     hf.save_pretrained(str(tmp_path / "hf"))
     hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "mm"))
-    cfg, model = _megamoe_from(tmp_path / "mm")
+    cfg, model = megamoe_from(tmp_path / "mm")
     assert cfg.qk_norm and cfg.qk_norm_scope == "head"
     x = tokens()
     with torch.no_grad():
@@ -554,7 +550,7 @@ def test_transformers_saved_checkpoint_without_shared_experts_imports(tmp_path):
     hf = _random_hf(config)
     hf.save_pretrained(str(tmp_path / "hf"))          # writes the [0, H] shared weights
     hf_to_megamoe(str(tmp_path / "hf"), str(tmp_path / "mm"))
-    cfg, model = _megamoe_from(tmp_path / "mm")
+    cfg, model = megamoe_from(tmp_path / "mm")
     assert cfg.moe.num_shared_experts == 0
     x = tokens()
     with torch.no_grad():
@@ -564,14 +560,11 @@ def test_transformers_saved_checkpoint_without_shared_experts_imports(tmp_path):
 def test_deepseek_moe_bf16_round_trip_is_byte_identical(tmp_path):
     """The remote-code deepseek layout in bf16: HF -> megamoe -> HF keeps every tensor's bytes
     and dtype (transformers has no class for it, so the files are compared directly)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     _, state = _qwen2_reference(tmp_path)
-    d = tmp_path / "deepseek"
-    d.mkdir()
     bf16 = {k: v.to(torch.bfloat16) for k, v in _qwen2_to_deepseek(state).items()}
-    save_file(bf16, str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(_deepseek_config_json(torch_dtype="bfloat16")))
+    d = _deepseek_dir(tmp_path, bf16, torch_dtype="bfloat16")
     hf_to_megamoe(str(d), str(tmp_path / "mm"))
     megamoe_to_hf(str(tmp_path / "mm"), str(tmp_path / "out"))
     exported = load_file(str(tmp_path / "out" / "model.safetensors"))
