@@ -130,7 +130,8 @@ def predicted_memory_line(cfg: TrainConfig, world: int, precision: str) -> str:
         return f"megamoe: plan: no memory prediction for this run ({type(err).__name__}: {err})"
     return (f"megamoe: plan: predicted memory per GPU {mem.total / GIB:.2f} GiB on the fullest rank "
             f"(pipeline rank {mem.pp_rank}: state {(mem.params + mem.grads + mem.optimizer) / GIB:.2f}, "
-            f"activations {(mem.activations + mem.recompute_transient + mem.logits_ce) / GIB:.2f}); "
+            f"activations {(mem.activations + mem.recompute_transient + mem.logits_ce) / GIB:.2f}, "
+            f"CUDA context + fragmentation {(mem.framework + mem.fragmentation) / GIB:.2f}); "
             f"{max(s.numel for s in stages) / 1e6:.2f}M parameters held; `megamoe plan` for details")
 
 
