@@ -144,6 +144,16 @@ def save_megamoe(out_dir, cfg, model, step: int = 3) -> str:
                            config=to_dict(TrainConfig(model=cfg)))
 
 
+def random_hf(config, seed: int = 0):
+    """A transformers model of `config` with seeded, perturbed weights (eager attention)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    perturb(model, seed + 1, router_bias=True)
+    return model.eval()
+
+
 def megamoe_from(out_dir):
     """(ModelConfig, eval-mode model) of a megamoe checkpoint / out_dir."""
     from megamoe.hf.io import load_megamoe_state
