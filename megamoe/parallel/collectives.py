@@ -95,10 +95,19 @@ def _own_chunk(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
-def _all_to_all_rows(x: torch.Tensor, group, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+def _start_all_to_all_rows(x: torch.Tensor, group, in_splits: list[int], out_splits: list[int]):
+    """Launch the exchange of x's rows: -> (output buffer, work); the buffer is filled once the
+    work is waited for."""
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     with guarded(group):
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
+    return out, work
+
+
+def _all_to_all_rows(x: torch.Tensor, group, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+    out, work = _start_all_to_all_rows(x, group, in_splits, out_splits)
+    with guarded(group):
+        work.wait()
     return out
 
 
@@ -226,11 +235,7 @@ class _Flight:
         """Launch x's exchange: -> (output buffer, work). Filled only after work.wait()."""
         if self.on_send is not None:
             self.on_send(x, in_splits, backward)
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        with guarded(self.group):
-            work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits,
-                                          group=self.group, async_op=True)
-        return out, work
+        return _start_all_to_all_rows(x, self.group, in_splits, out_splits)
 
     def wait(self, work) -> None:
         with guarded(self.group):

@@ -35,7 +35,8 @@ LATE_GRAD_ATTR = "_megamoe_late_grad"
 
 def mark_late_grad(p: torch.Tensor) -> None:
     """p's gradient still changes after backward, before reduce_grads (the tied embedding's
-    cross-stage sum, PipelineRunner.sync_tied_grads): GradReducer must not reduce it early.
+    cross-stage sum, PipelineRunner.sync_tied_grads): GradReducer / ZeroOptimizer must not
+    reduce it early.
     Mark before the data-parallel reducer is built."""
     setattr(p, LATE_GRAD_ATTR, True)
 
@@ -167,15 +168,17 @@ class BucketLauncher:
             self._next += 1
 
 
-def split_buckets(params: list, bucket_numel: int) -> list[list]:
-    """Consecutive runs of `params` of at most bucket_numel elements (a larger one alone)."""
-    out, current, numel = [], [], 0
-    for p in params:
-        if current and numel + p.numel() > bucket_numel:
+def split_buckets(items: list, bucket_numel: int, numel=lambda p: p.numel()) -> list[list]:
+    """Consecutive runs of `items` (parameters, or anything `numel` sizes) of at most
+    bucket_numel elements (a larger one alone)."""
+    out, current, total = [], [], 0
+    for item in items:
+        n = numel(item)
+        if current and total + n > bucket_numel:
             out.append(current)
-            current, numel = [], 0
-        current.append(p)
-        numel += p.numel()
+            current, total = [], 0
+        current.append(item)
+        total += n
     return out + ([current] if current else [])
 
 

@@ -250,9 +250,9 @@ class AllToAllDispatcher:
         #    rank or dropped); every chunk's exchange starts now
         flights = []
         for c, t in enumerate(bounds):
-            ctx = _DedupCtx(t, None, sends[c * ep:(c + 1) * ep], recvs[c * ep:(c + 1) * ep],
+            send_splits = sends[c * ep:(c + 1) * ep]
+            ctx = _DedupCtx(t, pair_maps[c][:sum(send_splits)], send_splits, recvs[c * ep:(c + 1) * ep],
                             etps[c * self.etp:(c + 1) * self.etp], rows[c])
-            ctx.pair_map = pair_maps[c][:sum(ctx.send_splits)]
             token = ctx.pair_map // ep
             rank = ctx.pair_map - token * ep
             ids = topk_idx[t].index_select(0, token)                                   # [P, K]

@@ -38,6 +38,11 @@ from megamoe.training.optim import param_groups
 GATHER_IN_FLIGHT = 2             # parameter all-gathers outstanding at once
 
 
+def _tp_partial(p, mesh: ParallelMesh) -> bool:
+    """p's gradient is a per-TP-rank partial sum, to be summed over TP before the reduce-scatter."""
+    return get_spec(p).reduce_group == "dp_tp" and mesh.tp > 1
+
+
 class _Bucket:
     """Flat param / grad buffers of params sharing a shard group and a weight-decay setting;
     deferred: reduced only in reduce_grads (see the module docstring)."""
@@ -68,10 +73,9 @@ class _Bucket:
         # default) are their own masters: the master IS the slice of the flat buffer, so AdamW
         # steps the params in place and no second fp32 copy is kept.
         own = self.param_buf[self.lo:self.hi].detach()
-        self.master = torch.nn.Parameter(own if upcast(own) is own else upcast(own).clone())
-        # Params whose gradient is a per-TP-rank partial sum: summed over TP before the reduce-scatter.
-        self.tp_partial = [i for i, p in enumerate(self.params)
-                           if get_spec(p).reduce_group == "dp_tp" and mesh.tp > 1]
+        self.own_master = upcast(own) is own
+        self.master = torch.nn.Parameter(own if self.own_master else upcast(own).clone())
+        self.tp_partial = [i for i, p in enumerate(self.params) if _tp_partial(p, mesh)]
         # Elements of full TP copies count in the norm on TP rank 0 only; duplicates never.
         tp_copies_masked = mesh.tp > 1 and mesh.coords.tp != 0 and group_name == "dp"
         uncounted = [(p, o) for p, o in zip(self.params, self.offsets)
@@ -151,8 +155,7 @@ class ZeroOptimizer(BucketedReduction):
 
         def key(p):
             group = "edp" if get_spec(p).replica_group == "edp" else "dp"
-            deferred = bool(getattr(p, LATE_GRAD_ATTR, False)) or (
-                get_spec(p).reduce_group == "dp_tp" and mesh.tp > 1)
+            deferred = bool(getattr(p, LATE_GRAD_ATTR, False)) or _tp_partial(p, mesh)
             return group, id(p) in decay_ids, deferred
 
         buckets = []
@@ -160,10 +163,8 @@ class ZeroOptimizer(BucketedReduction):
             for decay in (True, False):
                 for deferred in (False, True):
                     chosen = [(n, p) for n, p in order if key(p) == (group_name, decay, deferred)]
-                    named = dict((id(p), n) for n, p in chosen)
-                    for run in split_buckets([p for _, p in chosen], bucket_numel):
-                        buckets.append(_Bucket([(named[id(p)], p) for p in run], group_name, decay,
-                                               deferred, mesh))
+                    for run in split_buckets(chosen, bucket_numel, numel=lambda named: named[1].numel()):
+                        buckets.append(_Bucket(run, group_name, decay, deferred, mesh))
         self.launcher = BucketLauncher(buckets, [p for _, p in order], overlap)
         self.buckets: list[_Bucket] = self.launcher.buckets
         groups = [{"params": [b.master for b in self.buckets if b.decay], "weight_decay": optim_cfg.weight_decay},
@@ -206,7 +207,7 @@ class ZeroOptimizer(BucketedReduction):
         the next. Every rank walks the same buckets and chunks in the same order."""
         in_flight = collections.deque()
         for b in buckets:
-            if b.master.data_ptr() != b.param_buf[b.lo:b.hi].data_ptr():   # not its own master
+            if not b.own_master:
                 b.param_buf[b.lo:b.hi].copy_(b.master.detach())
             if b.size == 1:
                 continue
@@ -266,7 +267,7 @@ class ZeroOptimizer(BucketedReduction):
             st = self.inner.state.get(b.master, {})
             if "exp_avg" not in st:
                 continue
-            with_master = b.param_buf.dtype != b.master.dtype
+            with_master = not b.own_master
             for name, p, o in zip(b.names, b.params, b.offsets):
                 lo, hi = max(b.lo, o), min(b.hi, o + p.numel())
                 if lo >= hi:

@@ -177,16 +177,6 @@ def _stage_params(m: ModelConfig, lay: PlanLayout, pp_layout: str) -> list[Stage
     return out
 
 
-class _Sized:
-    """What data.split_buckets needs of a parameter: numel()."""
-
-    def __init__(self, t: RankTensor):
-        self.t = t
-
-    def numel(self) -> int:
-        return self.t.numel
-
-
 def zero1_buckets(stage: StageParams, bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> list[tuple[str, int]]:
     """(group, unpadded numel) of every ZeRO-1 bucket, in ZeroOptimizer's order."""
     order = list(reversed(stage.tensors))          # backward order
@@ -194,9 +184,9 @@ def zero1_buckets(stage: StageParams, bucket_numel: int = DEFAULT_BUCKET_NUMEL) 
     for group in ("dp", "edp"):
         for decay in (True, False):
             for deferred in (False, True):
-                chosen = [_Sized(t) for t in order if (t.group, t.decay, t.deferred) == (group, decay, deferred)]
-                for run in split_buckets(chosen, bucket_numel):
-                    out.append((group, sum(x.numel() for x in run)))
+                chosen = [t for t in order if (t.group, t.decay, t.deferred) == (group, decay, deferred)]
+                for run in split_buckets(chosen, bucket_numel, numel=lambda t: t.numel):
+                    out.append((group, sum(t.numel for t in run)))
     return out
 
 
