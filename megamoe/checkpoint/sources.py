@@ -11,7 +11,6 @@ source opened (their mmaps keep every page read in RSS): streaming readers call 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -101,17 +100,17 @@ class Source:
 
 
 class ShardedSource(Source):
-    def __init__(self, ckpt_dir: str):
+    def __init__(self, ckpt_dir: str, meta: dict | None):
+        """meta: metadata.json's contents; None for a checkpoint written before it existed."""
         super().__init__(ckpt_dir)
         self._files: dict[str, dict] = {}
-        path = os.path.join(ckpt_dir, META)
-        self.legacy = not os.path.isfile(path)
+        self.legacy = meta is None
         if self.legacy:
             self.meta = self._scan_model_files()
         else:
-            with open(path) as f:
-                self.meta = json.load(f)
-            if self.meta.get("format") != FORMAT or self.meta.get("version", 0) > VERSION:
+            self.meta = meta
+            if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+                path = os.path.join(ckpt_dir, META)
                 raise ValueError(f"{path!r} is not a megamoe sharded checkpoint of version <= {VERSION}")
         self.names = self.meta["tensors"]
         self.has_masters = not self.legacy
@@ -303,18 +302,13 @@ def open_source(ckpt_dir: str) -> Source:
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"checkpoint {ckpt_dir!r} does not exist")
     meta_path = os.path.join(ckpt_dir, META)
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise files.CheckpointError(f"checkpoint file {meta_path} is unreadable ({err})") from None
-        if meta.get("format") == WEIGHTS_FORMAT:
-            if meta.get("version", 0) > WEIGHTS_VERSION:
-                raise ValueError(f"{meta_path!r} is a megamoe-weights checkpoint of a newer version")
-            return WeightsSource(ckpt_dir, meta)
-    if os.path.isfile(meta_path) or os.path.isfile(os.path.join(ckpt_dir, "model_rank0.pt")):
-        return ShardedSource(ckpt_dir)
+    meta = files.read_json(meta_path, "checkpoint file", files.CheckpointError)
+    if meta is not None and meta.get("format") == WEIGHTS_FORMAT:
+        if meta.get("version", 0) > WEIGHTS_VERSION:
+            raise ValueError(f"{meta_path!r} is a megamoe-weights checkpoint of a newer version")
+        return WeightsSource(ckpt_dir, meta)
+    if meta is not None or os.path.isfile(os.path.join(ckpt_dir, "model_rank0.pt")):
+        return ShardedSource(ckpt_dir, meta)
     if os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
         return SingleSource(ckpt_dir)
     raise ValueError(f"{ckpt_dir!r} is not a megamoe checkpoint (no metadata.json, model_rank0.pt or model.pt)")

@@ -46,8 +46,9 @@ from megamoe.checkpoint.files import WriteError, atomic_dir, writing
 from megamoe.hf import tokens as tok
 from megamoe.hf.fp8 import DequantizedTensors, fp8_block_size
 from megamoe.hf.io import (HF_META, HFTensors, MegamoeState, check_state, expected_state, is_hf_dir,
-                           megamoe_writer, parse_size, read_hf_config, read_hf_meta, save_safetensors)
-from megamoe.hf.layouts import (config_from_hf, config_to_hf, expert_keys, fused_expert_keys,
+                           megamoe_writer, parse_size, read_hf_config, read_hf_meta, save_safetensors,
+                           stored_names)
+from megamoe.hf.layouts import (LAYOUTS, config_from_hf, config_to_hf, expert_keys, fused_expert_keys,
                                 get_layout, hf_name, infer_model_type, is_expert_tensor,
                                 mtp_layer_count)
 from megamoe.hf.layouts_deepseek import empty_shared_expert_tensors, mla_tensor_from_hf, mla_tensor_to_hf
@@ -161,16 +162,16 @@ def export_config(cfg: ModelConfig, model_type: str | None) -> tuple[ModelConfig
 def _hf_tensors(state: MegamoeState, out_cfg: ModelConfig, layout, scale: float,
                 dtype: torch.dtype | None):
     """(HF name, tensor) of the whole model, one layer in memory at a time."""
-    added = [n for n in expected_state(out_cfg) if n not in state.names]   # the zero shared expert
-    for group in by_layer(list(state.names) + added):
+    shapes = expected_state(out_cfg)
+    added = [n for n in shapes if n not in state.names]                   # the zero shared expert
+    for group in by_layer(stored_names(out_cfg, list(state.names) + added)):
         for name in group:
             if name in state.names:
                 t = state[name]
                 if scale != 1.0 and name.endswith("experts.w_down"):
                     t.mul_(scale)
             else:
-                src_dtype = dtype or state.dtype("embed.weight")
-                t = torch.zeros(expected_state(out_cfg)[name], dtype=src_dtype)
+                t = torch.zeros(shapes[name], dtype=dtype or state.dtype("embed.weight"))
             yield from tensor_to_hf(out_cfg, layout, name, t, dtype)
         state.release()
     # DeepSeek-style types without shared experts: transformers builds zero-width shared MLPs
@@ -372,10 +373,16 @@ def from_hf_state(cfg: ModelConfig, tensors, model_type: str,
     """(megamoe state dict, notes) from HF tensors (an HFTensors or a plain dict); `hf_config`
     (config.json) says how deepseek_v3 stores its rotary rows (rope_interleave, default true)."""
     st = HFState(cfg, tensors, model_type, hf_config)
-    state = {name: st[name] for name in st.names}
-    if cfg.tie_embeddings:
+    return whole_state(st), st.notes
+
+
+def whole_state(st) -> dict:
+    """Every tensor of a lazy state (HFState, io.MegamoeState) in memory; the tied head is the
+    embedding tensor itself, as in a model's state dict."""
+    state = {name: st[name] for name in stored_names(st.cfg, st.names)}
+    if st.cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    return state, st.notes
+    return state
 
 
 # ------------------------------------------------------------------------------ directories
@@ -393,9 +400,7 @@ def open_hf(src: str, seq_length: int | None = None, dtype: str | None = None) -
     block = fp8_block_size(hf_cfg)
     if block is not None:   # DeepSeek-V3's FP8 release: dequantized as read (bf16 unless --dtype)
         tensors = DequantizedTensors(tensors, block, DTYPES[dtype] if dtype else torch.bfloat16)
-    st = HFState(cfg, tensors, hf_cfg["model_type"], hf_cfg, DTYPES[dtype] if dtype else None)
-    st.hf_config = hf_cfg
-    return st
+    return HFState(cfg, tensors, hf_cfg["model_type"], hf_cfg, DTYPES[dtype] if dtype else None)
 
 
 def open_model_state(path: str):
@@ -410,17 +415,7 @@ def open_model_state(path: str):
 def read_hf(src: str, seq_length: int | None = None) -> tuple[str, ModelConfig, dict, list[str]]:
     """(model_type, ModelConfig, megamoe state dict, notes) of an HF model directory (whole)."""
     st = open_hf(src, seq_length)
-    state, _ = from_hf_state(st.cfg, st.hf, st.model_type, st.hf_config)
-    return st.model_type, st.cfg, state, st.notes
-
-
-def load_any(path: str) -> tuple[ModelConfig, dict, str]:
-    """(ModelConfig, whole state dict, description) of a megamoe checkpoint/out_dir or an HF dir."""
-    st = open_model_state(path)
-    state = {name: st[name] for name in st.names}
-    if st.cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    return st.cfg, state, st.what
+    return st.model_type, st.cfg, whole_state(st), st.notes
 
 
 def hf_to_megamoe(src: str, dst: str, seq_length: int | None = None, overwrite: bool = False,
@@ -433,7 +428,7 @@ def hf_to_megamoe(src: str, dst: str, seq_length: int | None = None, overwrite: 
         base.data.tokenizer = os.path.join(os.path.abspath(dst), "tokenizer.json")
     with megamoe_writer(dst, st.cfg, overwrite, base, extra_files=extra, max_shard_size=max_shard_size,
                         extra_text={HF_META: json.dumps(meta, indent=2)}) as w:
-        for group in by_layer(st.names):
+        for group in by_layer(stored_names(st.cfg, st.names)):
             for name in group:
                 w.add(name, st[name])
             st.release()
@@ -451,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     to = sub.add_parser("to-hf", help="megamoe checkpoint (or out_dir) -> HF model directory")
     to.add_argument("src", help="megamoe checkpoint directory, or an out_dir (latest checkpoint)")
     to.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-    to.add_argument("--model-type", help="olmoe, mixtral, qwen2_moe, glm4_moe, deepseek_v3, llama or "
-                    "olmo2 (default: the type it was imported from, else inferred from the config)")
+    to.add_argument("--model-type", help=f"{', '.join(LAYOUTS)} (default: the type it was imported "
+                    "from, else inferred from the config)")
     to.add_argument("--tokenizer", help="tokenizer.json, or a directory of tokenizer files, to copy "
                     "(default: the files from-hf kept in the out_dir)")
     to.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this (5GB)")

@@ -88,9 +88,9 @@ def read_hf_meta(path: str) -> tuple[dict, str | None]:
     """(HF_META contents, the directory holding it) for a checkpoint or out_dir, or ({}, None)."""
     ckpt_dir = find_checkpoint(path)
     for d in (path, ckpt_dir, out_dir_of(ckpt_dir)):
-        if d and os.path.isfile(os.path.join(d, HF_META)):
-            with open(os.path.join(d, HF_META)) as f:
-                return json.load(f), d
+        meta = files.read_json(os.path.join(d, HF_META)) if d else None
+        if meta is not None:
+            return meta, d
     return {}, None
 
 
@@ -132,6 +132,12 @@ def expected_state(cfg: ModelConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = Transformer(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def stored_names(cfg: ModelConfig, names) -> list[str]:
+    """`names` without the tied head: with tied embeddings lm_head.weight is embed.weight,
+    read and written once."""
+    return [n for n in names if not (cfg.tie_embeddings and n == "lm_head.weight")]
 
 
 def check_shapes(cfg: ModelConfig, shapes: dict, what: str) -> None:

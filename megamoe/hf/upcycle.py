@@ -40,7 +40,7 @@ import torch
 
 from megamoe.config import ModelConfig, MoEConfig, TrainConfig, validate
 from megamoe.checkpoint.files import WriteError
-from megamoe.hf.io import HF_META, is_hf_dir, megamoe_writer
+from megamoe.hf.io import HF_META, is_hf_dir, megamoe_writer, stored_names
 from megamoe.model.transformer import is_moe_layer
 
 
@@ -168,9 +168,10 @@ _FFN = ("gate_proj", "up_proj", "down_proj")
 def upcycle_tensors(new: ModelConfig, state, mode: str = "copy", split_method: str = "random",
                     router_std: float = 0.02, seed: int = 0, partitions: dict | None = None):
     """(name, tensor) of the upcycled model, in model order, from a dense state: a dict or a lazy
-    reader (convert.open_model_state; released after every layer, so one layer is in memory)."""
+    reader (convert.open_model_state; released after every layer, so one layer is in memory).
+    A tied head is not yielded (it is the embedding: read and written once)."""
     gen = torch.Generator().manual_seed(seed)
-    names = list(state.names) if hasattr(state, "names") else list(state)
+    names = stored_names(new, state.names if hasattr(state, "names") else state)
     release = getattr(state, "release", lambda: None)
     for i in range(new.num_layers):
         if is_moe_layer(new, i):
@@ -210,6 +211,8 @@ def upcycle(cfg: ModelConfig, state: dict, num_experts: int, top_k: int, mode: s
                          routed_scaling_factor, router_std, first_k_dense, moe_layer_freq)
     partitions: dict[int, list[np.ndarray]] = {}
     out = dict(upcycle_tensors(new, state, mode, split_method, router_std, seed, partitions))
+    if new.tie_embeddings:
+        out["lm_head.weight"] = out["embed.weight"]
     return new, out, partitions
 
 

@@ -209,7 +209,7 @@ def extend_vocab(src: str, dst: str, new_tokenizer: str, old_tokenizer: str | No
     """Extend the model at `src` (megamoe checkpoint / out_dir, or HF dir) with the tokens of
     `new_tokenizer`; write a megamoe out_dir with the merged tokenizer.json to `dst`."""
     from megamoe.hf.convert import by_layer, open_model_state
-    from megamoe.hf.io import megamoe_writer
+    from megamoe.hf.io import megamoe_writer, stored_names
 
     if init not in INITS:
         raise ValueError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
@@ -229,7 +229,7 @@ def extend_vocab(src: str, dst: str, new_tokenizer: str, old_tokenizer: str | No
     base.data.tokenizer = os.path.join(os.path.abspath(dst), "tokenizer.json")
     with megamoe_writer(dst, new_cfg, overwrite, base,
                         extra_text={"tokenizer.json": json.dumps(merged, ensure_ascii=False, indent=2)}) as out:
-        for group in by_layer(list(st.names)):
+        for group in by_layer(stored_names(cfg, st.names)):
             for name in group:
                 t = st[name]
                 if name in ("embed.weight", "lm_head.weight"):
