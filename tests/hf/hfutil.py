@@ -144,6 +144,16 @@ def save_megamoe(out_dir, cfg, model, step: int = 3) -> str:
                            config=to_dict(TrainConfig(model=cfg)))
 
 
+def dense_llama(seed: int = 0):
+    """(config, eval-mode model) of a small dense llama-style megamoe model with perturbed weights:
+    the source of the upcycling tests."""
+    cfg = ModelConfig(vocab_size=96, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                      ffn_hidden=64, seq_length=16, init_std=0.1, moe=None)
+    model = build_model(cfg, seed=seed)
+    perturb(model, seed + 1, router_bias=False)
+    return cfg, model.eval()
+
+
 def random_hf(config, seed: int = 0):
     """A transformers model of `config` with seeded, perturbed weights (eager attention)."""
     import transformers

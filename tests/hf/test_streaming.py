@@ -7,12 +7,11 @@ import os
 import pytest
 import torch
 
-from hfutil import hf_config, load_hf, max_diff, perturb, save_megamoe, tokens
+from hfutil import dense_llama, hf_config, load_hf, max_diff, perturb, save_megamoe, tokens
 from megamoe.checkpoint import files
 from megamoe.checkpoint.sources import open_source
 from megamoe.checkpoint.sources import WeightsSource
 from megamoe.cli import main as cli_main
-from megamoe.config import ModelConfig
 from megamoe.hf.convert import hf_to_megamoe, megamoe_to_hf
 from megamoe.hf.io import load_megamoe_state
 from megamoe.hf.upcycle import upcycle
@@ -97,19 +96,11 @@ def test_from_hf_writes_sharded_weights_with_marker(tmp_path):
         assert max_diff(model.eval()(tokens()), hf(tokens()).logits) < 1e-4
 
 
-def _dense_llama(seed=0):
-    cfg = ModelConfig(vocab_size=96, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                      ffn_hidden=64, seq_length=16, init_std=0.1, moe=None)
-    model = build_model(cfg, seed=seed)
-    perturb(model, seed + 1, router_bias=False)
-    return cfg, model.eval()
-
-
 @pytest.mark.parametrize("top_k, qk_norm", [(2, False), (4, False), (2, True)])
 def test_split_upcycled_model_exports_with_same_logits(top_k, qk_norm, tmp_path):
     """softmax top-k without renormalisation and routed_scaling_factor E: exported as qwen2_moe
     (a zero shared expert) or olmoe (QK-norm), the factor folded into down_proj."""
-    cfg, dense = _dense_llama()
+    cfg, dense = dense_llama()
     cfg.qk_norm = qk_norm
     dense = build_model(cfg, seed=0)
     perturb(dense, 1, router_bias=False)
@@ -205,7 +196,7 @@ def test_truncated_hf_weights_are_one_line(fmt, tmp_path, capsys):
 
 
 def test_truncated_model_pt_is_one_line(tmp_path, capsys):
-    cfg, model = _dense_llama()
+    cfg, model = dense_llama()
     ckpt = save_megamoe(tmp_path / "run", cfg, model)
     os.remove(os.path.join(ckpt, "COMPLETE"))       # no size list: the reader must notice itself
     path = os.path.join(ckpt, "model.pt")
@@ -217,7 +208,7 @@ def test_truncated_model_pt_is_one_line(tmp_path, capsys):
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    cfg, model = _dense_llama()
+    cfg, model = dense_llama()
     ckpt = save_megamoe(tmp_path / "run", cfg, model)
     _hf_dir("llama", tmp_path / "hf")
 

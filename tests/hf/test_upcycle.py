@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hfutil import max_diff, perturb, save_megamoe, tokens
+from hfutil import dense_llama, max_diff, save_megamoe, tokens
 from megamoe.cli import main as cli_main
 from megamoe.config import ModelConfig, MoEConfig
 from megamoe.hf.convert import megamoe_to_hf
@@ -16,14 +16,6 @@ from megamoe.model.transformer import build_model
 TOL = 1e-5
 
 
-def _dense(seed=0):
-    cfg = ModelConfig(vocab_size=96, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                      ffn_hidden=64, seq_length=16, init_std=0.1, moe=None)
-    model = build_model(cfg, seed=seed)
-    perturb(model, seed + 1, router_bias=False)
-    return cfg, model.eval()
-
-
 def _build(cfg, state):
     model = build_model(cfg)
     model.load_state_dict(state)
@@ -31,7 +23,7 @@ def _build(cfg, state):
 
 
 def test_copy_mode_reproduces_dense_model():
-    cfg, dense = _dense()
+    cfg, dense = dense_llama()
     new_cfg, state, _ = upcycle(cfg, dense.state_dict(), num_experts=4, top_k=2, mode="copy")
     assert new_cfg.moe.router_mode == "topk_softmax" and new_cfg.moe.expert_hidden == cfg.ffn_hidden
     moe = _build(new_cfg, state)
@@ -48,7 +40,7 @@ def test_copy_mode_reproduces_dense_model():
 def test_copy_mode_without_renormalisation_scales_the_ffn():
     """softmax_topk without norm_topk_prob weights the k copies by their probability mass (< 1):
     the upcycled model is then not the dense one. Documented, and why copy defaults to topk_softmax."""
-    cfg, dense = _dense()
+    cfg, dense = dense_llama()
     new_cfg, state, _ = upcycle(cfg, dense.state_dict(), 4, 2, mode="copy", router_mode="softmax_topk")
     x = tokens()
     with torch.no_grad():
@@ -63,7 +55,7 @@ def test_copy_mode_without_renormalisation_scales_the_ffn():
 def test_split_mode_with_all_experts_reproduces_dense_model(method):
     """FFN(x) = sum_e expert_e(x) over a neuron partition; with top_k = E and a uniform router
     (router_std 0) every expert gets weight (1/E) * routed_scaling_factor E = 1."""
-    cfg, dense = _dense()
+    cfg, dense = dense_llama()
     new_cfg, state, parts = upcycle(cfg, dense.state_dict(), num_experts=4, top_k=4, mode="split",
                                     split_method=method, router_std=0.0, seed=3)
     assert new_cfg.moe.expert_hidden == 16 and new_cfg.moe.routed_scaling_factor == 4.0
@@ -94,7 +86,7 @@ def test_partitions_are_seeded_and_kmeans_finds_clusters():
 
 
 def test_upcycle_cli_from_hf_llama_dir(tmp_path, capsys):
-    cfg, dense = _dense()
+    cfg, dense = dense_llama()
     megamoe_to_hf(save_megamoe(tmp_path / "run", cfg, dense), str(tmp_path / "llama"))
     assert cli_main(["upcycle", str(tmp_path / "llama"), str(tmp_path / "moe"), "--num-experts", "4",
                      "--top-k", "2"]) == 0
@@ -113,7 +105,7 @@ def test_upcycle_cli_from_hf_llama_dir(tmp_path, capsys):
 
 
 def test_upcycle_refusals(tmp_path, capsys):
-    cfg, dense = _dense()
+    cfg, dense = dense_llama()
     with pytest.raises(ValueError, match="divisible"):
         upcycle(cfg, dense.state_dict(), num_experts=3, top_k=1, mode="split")
     with pytest.raises(ValueError, match="top_k"):
@@ -141,7 +133,7 @@ def test_split_upcycle_cli_streams_and_exports_with_special_tokens(tmp_path, cap
     pytest.importorskip("transformers")
     from hfutil import load_hf
 
-    cfg, dense = _dense()
+    cfg, dense = dense_llama()
     megamoe_to_hf(save_megamoe(tmp_path / "run", cfg, dense), str(tmp_path / "llama"),
                   token_ids={"eos_token_id": 1})
     tk = Tokenizer(models.BPE())
