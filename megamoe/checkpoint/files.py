@@ -138,6 +138,13 @@ def _write_text(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def write_json(path: str, data, indent: int | None = None) -> None:
+    """`data` as JSON at `path`, fsynced (a rename may publish it next); a failed write is one
+    WriteError naming the file."""
+    with writing(path):
+        _write_text(path, json.dumps(data, indent=indent))
+
+
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     _write_text(tmp, text)
@@ -228,5 +235,5 @@ def set_rng_state(state: dict) -> None:
 
 
 __all__ = ["MARKER", "LATEST", "CheckpointError", "WriteError", "writing", "begin", "commit", "atomic_dir", "publish", "remove_stale_temps",
-           "write_text_atomic", "save_file", "write_config", "read_marker", "verify", "verify_file", "load_file",
+           "write_text_atomic", "write_json", "save_file", "write_config", "read_marker", "verify", "verify_file", "load_file",
            "rng_state", "set_rng_state"]

@@ -29,7 +29,6 @@ other ranks keep theirs. Hyperparameters (lr, betas, ...) come from the resuming
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -178,10 +177,7 @@ def save(out_dir: str, step: int, model, optimizer, mesh, trainer_state: dict, c
     if rank == 0:
         files.save_file(tmp, "trainer.pt", trainer_state)
         files.write_config(tmp, config)
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(_metadata(gathered, layout), f)
-            f.flush()
-            os.fsync(f.fileno())
+        files.write_json(os.path.join(tmp, META), _metadata(gathered, layout))
     with guarded():
         dist.barrier()     # every rank's files are complete before the rename publishes them
     if rank == 0:

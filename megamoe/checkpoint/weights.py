@@ -21,7 +21,6 @@ rows of one tensor.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -56,12 +55,8 @@ class WeightsWriter:
         where = self._shards.finish()
         for name, info in self._info.items():
             info["file"] = where[name]
-        meta = {"format": FORMAT, "version": VERSION, "tensors": self._info}
-        path = os.path.join(self.dir, META)
-        with files.writing(path), open(path, "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
+        files.write_json(os.path.join(self.dir, META),
+                         {"format": FORMAT, "version": VERSION, "tensors": self._info})
         path = os.path.join(self.dir, "trainer.pt")
         with files.writing(path):
             files.save_file(self.dir, "trainer.pt", trainer_state)

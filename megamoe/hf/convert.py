@@ -42,7 +42,7 @@ import re
 import torch
 
 from megamoe.config import ModelConfig, TrainConfig, validate
-from megamoe.checkpoint.files import WriteError, atomic_dir, writing
+from megamoe.checkpoint.files import WriteError, atomic_dir, write_json
 from megamoe.hf import tokens as tok
 from megamoe.hf.fp8 import DequantizedTensors, fp8_block_size
 from megamoe.hf.io import (HF_META, HFTensors, MegamoeState, check_state, expected_state, is_hf_dir,
@@ -210,16 +210,12 @@ def megamoe_to_hf(src: str, dst: str, model_type: str | None = None, tokenizer: 
     with atomic_dir(dst, overwrite) as tmp:
         tensors = _hf_tensors(state, out_cfg, layout, scale, DTYPES[dtype] if dtype else None)
         shards = save_safetensors(tensors, tmp, max_bytes)
-        _write_json(os.path.join(tmp, "config.json"), hf_cfg)
-        _write_json(os.path.join(tmp, "generation_config.json"), tok.generation_config(meta, ids, token_ids))
+        write_json(os.path.join(tmp, "config.json"), hf_cfg, indent=2)
+        write_json(os.path.join(tmp, "generation_config.json"), tok.generation_config(meta, ids, token_ids),
+                   indent=2)
         tok.write_tokenizer(tmp, tok_files, ids, cfg.seq_length)
     notes.insert(0, f"wrote {dst} ({model_type}, {len(shards)} safetensors file(s))")
     return notes
-
-
-def _write_json(path: str, data: dict) -> None:
-    with writing(path), open(path, "w") as f:
-        json.dump(data, f, indent=2)
 
 
 # --------------------------------------------------------------------------- HF -> megamoe

@@ -277,18 +277,13 @@ class HFTensors:
     def _weight_files(self) -> list[str]:
         d = self.dir
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            path = os.path.join(d, index)
-            if os.path.isfile(path):
-                try:
-                    with open(path) as f:
-                        weight_map = json.load(f).get("weight_map", {})
-                except (OSError, json.JSONDecodeError) as err:
-                    raise ValueError(f"{path} is unreadable ({err})") from None
-                files = sorted(set(weight_map.values()))
-                missing = [f for f in files if not os.path.isfile(os.path.join(d, f))]
+            index_json = files.read_json(os.path.join(d, index))
+            if index_json is not None:
+                names = sorted(set(index_json.get("weight_map", {}).values()))
+                missing = [f for f in names if not os.path.isfile(os.path.join(d, f))]
                 if missing:
                     raise ValueError(f"{index} in {d!r} names {missing[0]!r}, which is missing")
-                return files
+                return names
         for single in ("model.safetensors", "pytorch_model.bin"):
             if os.path.isfile(os.path.join(d, single)):
                 return [single]
@@ -418,7 +413,6 @@ def save_safetensors(tensors, out_dir: str, max_shard_bytes: int) -> list[str]:
     where = writer.finish()
     names = sorted(set(where.values()))
     if len(names) > 1:
-        path = os.path.join(out_dir, "model.safetensors.index.json")
-        with files.writing(path), open(path, "w") as f:
-            json.dump({"metadata": {"total_size": writer.total_size}, "weight_map": where}, f, indent=2)
+        files.write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                         {"metadata": {"total_size": writer.total_size}, "weight_map": where}, indent=2)
     return names

@@ -9,6 +9,7 @@ computes exactly (megamoe/model/rope.py) are llama3 and yarn; others are refused
 from __future__ import annotations
 
 from megamoe.config import ModelConfig, RopeScaling
+from megamoe.hf.layouts_deepseek import need as _need
 
 # HF types whose RoPE scaling is converted (their transformers models build the rotary cache
 # with modeling_rope_utils and megamoe's tests compare logits with it).
@@ -16,11 +17,6 @@ SCALED_ROPE_TYPES = ("llama", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 _DEFAULT_THETA = {"mixtral": 1e6}
 # transformers fills in partial_rotary_factor 0.5 when a glm4_moe config.json omits it.
 _DEFAULT_PARTIAL_ROTARY = {"glm4_moe": 0.5}
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 def rope_from_hf(hf: dict, t: str) -> tuple[float, RopeScaling | None]:

@@ -12,11 +12,10 @@ so AutoTokenizer and generate() know where to stop.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
-from megamoe.checkpoint.files import read_json, writing
+from megamoe.checkpoint.files import read_json, write_json, writing
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -126,9 +125,7 @@ def write_tokenizer(out_dir: str, tok_files: dict[str, str], ids: dict, seq_leng
     if "special_tokens_map.json" not in tok_files and specials:
         extra["special_tokens_map.json"] = specials
     for name, data in extra.items():
-        path = os.path.join(out_dir, name)
-        with writing(path), open(path, "w") as f:
-            json.dump(data, f, indent=2)
+        write_json(os.path.join(out_dir, name), data, indent=2)
 
 
 __all__ = ["TOKENIZER_FILES", "tokenizer_files", "kept_files", "hf_side", "special_ids",
